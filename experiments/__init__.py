@@ -1,0 +1,1 @@
+"""Reproductions of the FIERCE paper's experiments (age estimation, hyperspectral unmixing)."""

@@ -1,0 +1,79 @@
+"""Backends: interchangeable implementations of the two functions the autograd op drives.
+
+Each backend is a module with
+
+    NAME: str
+    unavailable_reason(device) -> str | None        # None when it can run on `device`
+    histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset)
+        -> (histogram (C, K), lse (B, C))           # both in the compute dtype
+    histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
+                       seed, row_offset) -> grad_features (B, D) in features.dtype
+
+The compute dtype is float64 for float64 features and float32 otherwise. `lse` is whatever
+per-row statistic the backend's own backward needs (the fast backends: the log-sum-exp over bins
+of the logits). A row whose logits are not all finite makes the histogram NaN. Nothing above
+this package knows which backend runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import NamedTuple
+
+import torch
+
+# Preference order for `backend="auto"`, per device type.
+_MODULES = {
+    "reference": "fierce_ext.backends.reference",
+    "torch": "fierce_ext.backends.chunked",
+    "triton": "fierce_ext.backends.fused_triton",
+    "cuda": "fierce_ext.backends.cuda",
+}
+_AUTO_ORDER = {"cpu": ("torch",), "cuda": ("cuda", "triton", "torch")}
+
+BACKENDS = tuple(_MODULES)
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str  # why not, or "available"
+
+
+def load(name: str):
+    """The backend module `name`; raises ValueError for an unknown name."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+    return importlib.import_module(_MODULES[name])
+
+
+def status(name: str, device: torch.device | str) -> BackendStatus:
+    try:
+        reason = load(name).unavailable_reason(torch.device(device))
+    except Exception as error:  # a broken install must not break the others
+        reason = f"failed to load: {type(error).__name__}: {error}"
+    return BackendStatus(reason is None, reason or "available")
+
+
+def available_backends(device: torch.device | str | None = None) -> dict[str, BackendStatus]:
+    """For each backend, whether it can run on `device` (default: CUDA if present, else CPU),
+    and why not when it cannot."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {name: status(name, device) for name in BACKENDS}
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(name: str, device: torch.device) -> str:
+    """The concrete backend to run on `device`: `name` itself, or the best one for "auto"."""
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            if status(candidate, device).available:
+                return candidate
+        return "torch"
+    backend_status = status(name, device)  # raises for unknown names
+    if not backend_status.available:
+        usable = [n for n, s in available_backends(device).items() if s.available]
+        raise RuntimeError(f"backend {name!r} cannot run on {device}: {backend_status.reason}; "
+                           f"available there: {usable}")
+    return name

@@ -1,0 +1,110 @@
+"""The `torch` backend: memory-efficient pure PyTorch, the default on CPU.
+
+The batch is processed in chunks of rows. The forward keeps only the histogram and the per-row
+log-sum-exp of the logits; the backward recomputes each chunk's logits (same noise, from the
+seed) and turns dL/dp into dL/dr with the closed form of ../DESIGN.md:
+
+    delta[b,h,k] = y[b,h,k] * (G[h,k] - sum_k' y[b,h,k'] G[h,k']) / (B * tau)
+    dr_b         = a_b * sum_hk delta[b,h,k] v[h,:,k]  -  [cosine] a_b^2 (sum_hk delta s) r_b
+
+Peak extra memory is O(chunk * C * K + B * C), never O(B * C * K).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dictionary import project_dictionary, row_scale
+from ..noise import gumbel_noise
+
+NAME = "torch"
+
+# Logits per chunk (rows * C * K). A few temporaries of this size live at once (logits, noise
+# words, soft assignments), so 2^21 elements keep a chunk near 100 MB while the GEMMs stay large.
+CHUNK_ELEMENTS = 2**21
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    return None
+
+
+def _compute_dtype(features: torch.Tensor) -> torch.dtype:
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+def _chunks(rows: int, heads: int, bins: int):
+    step = max(1, CHUNK_ELEMENTS // (heads * bins))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+class _Projected:
+    """The dictionary in GEMM form: v as a (D, C*K) matrix and the bias c as (C, K) or None."""
+
+    def __init__(self, dictionary: torch.Tensor, similarity: str, dtype: torch.dtype):
+        heads, dim, bins = dictionary.shape
+        v, self.bias = project_dictionary(dictionary, similarity, dtype)
+        self.matrix = v.permute(1, 0, 2).reshape(dim, heads * bins)
+        self.heads, self.bins = heads, bins
+
+
+def _chunk_similarity(r, scale, proj: _Projected):
+    """s = a * (r . v) + c for a chunk of rows, shape (n, C, K)."""
+    s = (r @ proj.matrix).view(r.shape[0], proj.heads, proj.bins)
+    if scale is not None:
+        s = s * scale[:, :, None]
+    if proj.bias is not None:
+        s = s + proj.bias
+    return s
+
+
+def _chunk_logits(s, estimator, tau, seed, row_start):
+    if estimator == "softmax":
+        return s / tau
+    n, heads, bins = s.shape
+    g = gumbel_noise(seed, n, heads, bins, row_start, device=s.device, dtype=s.dtype)
+    return (s + g) / tau
+
+
+def histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
+    dtype = _compute_dtype(features)
+    proj = _Projected(dictionary, similarity, dtype)
+    rows = features.shape[0]
+    histogram = torch.zeros(proj.heads, proj.bins, dtype=dtype, device=features.device)
+    lse = torch.empty(rows, proj.heads, dtype=dtype, device=features.device)
+    for start, stop in _chunks(rows, proj.heads, proj.bins):
+        r = features[start:stop].to(dtype)
+        s = _chunk_similarity(r, row_scale(r, similarity), proj)
+        z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
+        lse[start:stop] = chunk_lse = torch.logsumexp(z, dim=-1)
+        if estimator == "gumbel_hard":
+            winners = z.argmax(dim=-1)  # ties go to the lowest bin, as torch.argmax documents
+            counts = torch.zeros_like(histogram).scatter_add_(
+                1, winners.T, torch.ones_like(winners.T, dtype=dtype))
+            # A non-finite row has no meaningful argmax: make it poison the histogram.
+            histogram += counts + 0 * chunk_lse.sum()
+        else:
+            histogram += torch.exp(z - chunk_lse[:, :, None]).sum(dim=0)
+    return histogram / rows, lse
+
+
+def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
+                       seed, row_offset):
+    dtype = _compute_dtype(features)
+    proj = _Projected(dictionary, similarity, dtype)
+    rows = features.shape[0]
+    grad = grad_histogram.to(dtype)
+    grad_features = torch.empty_like(features)
+    for start, stop in _chunks(rows, proj.heads, proj.bins):
+        r = features[start:stop].to(dtype)
+        scale = row_scale(r, similarity)
+        s = _chunk_similarity(r, scale, proj)
+        z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
+        y = torch.exp(z - lse[start:stop, :, None])
+        expected = (y * grad).sum(dim=-1, keepdim=True)
+        delta = y * (grad - expected) / (rows * tau)
+        dr = delta.view(stop - start, -1) @ proj.matrix.T
+        if scale is not None:  # cosine: a_b (delta . v) minus the derivative of a_b
+            dr = scale * dr - (scale * scale) * (delta * s).sum(dim=(1, 2))[:, None] * r
+        grad_features[start:stop] = dr.to(features.dtype)
+    return grad_features

@@ -1,0 +1,82 @@
+"""Dictionaries (the fixed bins features are softly assigned to) and their per-similarity form.
+
+A dictionary W has shape (C, D, K): C heads, each with K bins (dictionary atoms) in D dimensions.
+Every similarity is `a_b * (r_b . v_hk) + c_hk` up to a per-row constant that the softmax over
+bins ignores, which is what lets every fast backend run one GEMM with a row scale and a column bias:
+
+    dot:       a_b = 1          v = w            c = 0
+    cosine:    a_b = 1 / |r_b|  v = w / |w|      c = 0
+    distance:  a_b = 1          v = 2 w          c = -|w|^2     (-|r_b - w|^2 + |r_b|^2)
+"""
+
+from __future__ import annotations
+
+import torch
+
+SIMILARITIES = ("dot", "cosine", "distance")
+
+# Norms below this are treated as this (a zero feature row or atom has no direction; its
+# cosine similarities become 0 instead of NaN, like torch.nn.functional.cosine_similarity).
+NORM_EPS = 1e-12
+
+
+def uniform_dictionary(dim: int, bins: int = 100, heads: int = 1, low: float = -1.0,
+                       high: float = 1.0, seed: int | None = 0, device=None,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A (heads, dim, bins) dictionary drawn uniformly on [low, high), reproducibly from `seed`.
+
+    The paper draws it on [-1, 1] (few-shot) or [0, 1) (hyperspectral) and never trains it.
+    The draw happens on the CPU in float32, so the same seed gives the same atoms on every device.
+    """
+    _check_positive_int("dim", dim)
+    _check_positive_int("bins", bins)
+    _check_positive_int("heads", heads)
+    if not (low < high):
+        raise ValueError(f"low must be < high, got low={low}, high={high}")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    atoms = torch.rand(heads, dim, bins, generator=generator, dtype=torch.float32)
+    atoms = low + (high - low) * atoms
+    return atoms.to(device=device, dtype=dtype or torch.get_default_dtype())
+
+
+def bin_dictionary(bins: int, low: float, high: float, heads: int = 1, device=None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(heads, 1, bins) evenly spaced bin centres from `low` to `high` inclusive.
+
+    For one-dimensional features with similarity="distance": the age experiment uses
+    bin_dictionary(100, 1, 100), i.e. centres at 1, 2, ..., 100.
+    """
+    _check_positive_int("bins", bins)
+    _check_positive_int("heads", heads)
+    if bins > 1 and not (low < high):
+        raise ValueError(f"low must be < high, got low={low}, high={high}")
+    centres = torch.linspace(low, high, bins, dtype=torch.float64)
+    centres = centres.view(1, 1, bins).expand(heads, 1, bins).contiguous()
+    return centres.to(device=device, dtype=dtype or torch.get_default_dtype())
+
+
+def project_dictionary(dictionary: torch.Tensor, similarity: str,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(v, c): v of shape (C, D, K) in `dtype` and the bias c (C, K) in `dtype`, or None if 0."""
+    w = dictionary.to(dtype)
+    if similarity == "dot":
+        return w, None
+    if similarity == "cosine":
+        return w / w.norm(dim=1, keepdim=True).clamp_min(NORM_EPS), None
+    if similarity == "distance":
+        return 2 * w, -(w * w).sum(dim=1)
+    raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+
+
+def row_scale(features: torch.Tensor, similarity: str) -> torch.Tensor | None:
+    """a_b of shape (B, 1) for cosine (1 / |r_b|), None (all ones) otherwise."""
+    if similarity != "cosine":
+        return None
+    return 1.0 / features.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")

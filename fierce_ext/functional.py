@@ -1,0 +1,158 @@
+"""The public functions: `histogram`, `entropy` and `histogram_entropy`.
+
+    s[b,h,k] = similarity(r_b, w_hk)                    dot, cosine or distance
+    z[b,h,k] = (s[b,h,k] + g[b,h,k]) / tau              g: Gumbel noise (0 for "softmax")
+    p[h,k]   = mean_b e[b,h,k]                          e: one-hot argmax_k z ("gumbel_hard")
+                                                           or softmax_k z (otherwise)
+    H        = -(1/C) sum_hk p[h,k] log2(p[h,k] + eps)  bits, 0 <= H <= log2 K
+
+"gumbel_hard" is the paper's estimator: a hard histogram in the forward and the gradient of the
+soft one (straight-through). NaN or Inf in the features make the histogram and the entropy NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .dictionary import SIMILARITIES, uniform_dictionary
+from .noise import SEED_LIMIT, draw_seed
+from .ops import histogram_op
+
+ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
+REDUCTIONS = ("mean", "none")
+
+# The paper's guard inside the logarithm: empty bins contribute 0 and get a finite gradient.
+ENTROPY_EPS = 1e-21
+
+
+def histogram(features: Tensor, dictionary: Tensor, *, similarity: str = "cosine",
+              estimator: str = "gumbel_hard", tau: float = 1.0, seed: int | None = None,
+              backend: str = "auto", row_offset: int = 0) -> Tensor:
+    """The batch histogram p (C, K) of `features` (B, D) softly binned against `dictionary`
+    (C, D, K); each row sums to 1. Differentiable w.r.t. `features`.
+
+    `row_offset` is the global index of the first row (for noise that does not depend on how a
+    batch is split across processes). Float64 features compute in float64, others in float32.
+    """
+    _check_features(features)
+    _check_dictionary(dictionary, features)
+    _check_choice("similarity", similarity, SIMILARITIES)
+    _check_choice("estimator", estimator, ESTIMATORS)
+    tau = _check_tau(tau)
+    if not isinstance(row_offset, int) or isinstance(row_offset, bool) or row_offset < 0:
+        raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    name = backends.resolve(backend, features.device)
+    seed_tensor = _seed_tensor(seed)
+    hist, _ = histogram_op(features, dictionary, seed_tensor, similarity, estimator, tau,
+                           row_offset, name)
+    return hist
+
+
+def histogram_entropy(histogram: Tensor, reduction: str = "mean") -> Tensor:
+    """Entropy in bits of each row of a (C, K) histogram, averaged over rows for "mean"."""
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if histogram.dim() != 2:
+        raise ValueError(f"histogram must be 2-D (heads, bins), got shape {tuple(histogram.shape)}")
+    per_head = -(histogram * torch.log2(histogram + ENTROPY_EPS)).sum(dim=1)
+    return per_head.mean() if reduction == "mean" else per_head
+
+
+def entropy(features: Tensor, dictionary: Tensor | None = None, *, bins: int = 100,
+            heads: int = 1, similarity: str = "cosine", estimator: str = "gumbel_hard",
+            tau: float = 1.0, seed: int | None = None, reduction: str = "mean",
+            backend: str = "auto") -> Tensor:
+    """The FIERCE feature entropy of a batch, in bits; training subtracts lambda times it.
+
+    With `dictionary=None`, a cached `uniform_dictionary(D, bins, heads, seed=0)` on the
+    features' device is used (`bins` and `heads` are ignored when a dictionary is given).
+    Returns a 0-d tensor (reduction="mean") or one value per head (reduction="none"), in
+    float32 (float64 for float64 features).
+    """
+    _check_features(features)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if dictionary is None:
+        dictionary = default_dictionary(features.shape[1], bins, heads, features.device,
+                                        features.dtype == torch.float64)
+    hist = histogram(features, dictionary, similarity=similarity, estimator=estimator, tau=tau,
+                     seed=seed, backend=backend)
+    return histogram_entropy(hist, reduction)
+
+
+def default_dictionary(dim: int, bins: int, heads: int, device: torch.device,
+                       float64: bool = False) -> Tensor:
+    """The dictionary `entropy` uses when none is given: uniform on [-1, 1), seed 0, cached."""
+    return _cached_dictionary(dim, bins, heads, torch.device(device), float64)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_dictionary(dim, bins, heads, device, float64):
+    return uniform_dictionary(dim, bins, heads, seed=0, device=device,
+                              dtype=torch.float64 if float64 else torch.float32)
+
+
+# ---------------------------------------------------------------------------- argument checks
+
+def _check_features(features) -> None:
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if not features.dtype.is_floating_point:
+        raise TypeError(f"features must be a floating-point tensor (float16, bfloat16, float32 "
+                        f"or float64), got {features.dtype}")
+    if features.dim() != 2:
+        raise ValueError(f"features must be 2-D (batch, dim), got shape {tuple(features.shape)}")
+    if features.shape[0] == 0:
+        raise ValueError("features must hold at least one row (batch size 0)")
+    if features.shape[1] == 0:
+        raise ValueError("features must have at least one column (dim 0)")
+
+
+def _check_dictionary(dictionary, features: Tensor) -> None:
+    if not isinstance(dictionary, Tensor):
+        raise TypeError(f"dictionary must be a torch.Tensor, got {type(dictionary).__name__}")
+    if not dictionary.dtype.is_floating_point:
+        raise TypeError(f"dictionary must be a floating-point tensor, got {dictionary.dtype}")
+    if dictionary.dim() != 3:
+        raise ValueError(f"dictionary must be 3-D (heads, dim, bins), got shape "
+                         f"{tuple(dictionary.shape)}")
+    if dictionary.shape[1] != features.shape[1]:
+        raise ValueError(f"dictionary dim {dictionary.shape[1]} (shape {tuple(dictionary.shape)}) "
+                         f"does not match features dim {features.shape[1]}")
+    if dictionary.shape[0] < 1 or dictionary.shape[2] < 1:
+        raise ValueError(f"dictionary needs heads >= 1 and bins >= 1, got shape "
+                         f"{tuple(dictionary.shape)}")
+    if dictionary.device != features.device:
+        raise ValueError(f"dictionary is on {dictionary.device} but features are on "
+                         f"{features.device}; move them to the same device")
+    if dictionary.requires_grad:
+        raise ValueError("dictionary requires grad, but FIERCE keeps it fixed; pass "
+                         "dictionary.detach() (or register it as a buffer)")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_tau(tau) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
+    if not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be finite and > 0, got {tau}")
+    return float(tau)
+
+
+def _seed_tensor(seed) -> Tensor:
+    if seed is None:
+        return draw_seed()  # a tensor: no .item() in a compiled graph
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return torch.tensor(seed, dtype=torch.int64)

@@ -1,0 +1,89 @@
+"""nn.Module forms: `FeatureEntropy` (the regularizer) and `FIERCELoss` (criterion - lam * H)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .dictionary import uniform_dictionary
+from .functional import ESTIMATORS, _check_choice, _check_tau, entropy
+from .dictionary import SIMILARITIES
+
+
+class FeatureEntropy(nn.Module):
+    """Feature entropy in bits of a batch of `dim`-dimensional features.
+
+    The dictionary (heads, dim, bins) is a buffer: saved in the state_dict, moved by `.to()`,
+    never trained. By default it is `uniform_dictionary(dim, bins, heads, seed=0)`. Each forward
+    draws new Gumbel noise from torch's default generator (pass `seed=` to fix it).
+    """
+
+    dictionary: Tensor
+
+    def __init__(self, dim: int, bins: int = 100, heads: int = 1, similarity: str = "cosine",
+                 estimator: str = "gumbel_hard", tau: float = 1.0,
+                 dictionary: Tensor | None = None, backend: str = "auto"):
+        super().__init__()
+        _check_choice("similarity", similarity, SIMILARITIES)
+        _check_choice("estimator", estimator, ESTIMATORS)
+        self.tau = _check_tau(tau)
+        if dictionary is None:
+            dictionary = uniform_dictionary(dim, bins, heads, seed=0)
+        elif not isinstance(dictionary, Tensor) or dictionary.dim() != 3:
+            raise ValueError("dictionary must be a 3-D tensor (heads, dim, bins)")
+        elif dictionary.shape[1] != dim:
+            raise ValueError(f"dictionary dim {dictionary.shape[1]} does not match dim {dim}")
+        self.register_buffer("dictionary", dictionary.detach().clone())
+        self.similarity, self.estimator, self.backend = similarity, estimator, backend
+
+    @property
+    def heads(self) -> int:
+        return self.dictionary.shape[0]
+
+    @property
+    def bins(self) -> int:
+        return self.dictionary.shape[2]
+
+    @property
+    def max_entropy(self) -> float:
+        """log2(bins): the entropy of a uniform histogram, the largest possible value."""
+        return math.log2(self.bins)
+
+    def forward(self, features: Tensor, seed: int | None = None,
+                reduction: str = "mean") -> Tensor:
+        return entropy(features, self.dictionary, similarity=self.similarity,
+                       estimator=self.estimator, tau=self.tau, seed=seed, reduction=reduction,
+                       backend=self.backend)
+
+    def extra_repr(self) -> str:
+        heads, dim, bins = self.dictionary.shape
+        return (f"dim={dim}, bins={bins}, heads={heads}, similarity={self.similarity!r}, "
+                f"estimator={self.estimator!r}, tau={self.tau}, backend={self.backend!r}")
+
+
+class FIERCELoss(nn.Module):
+    """criterion(logits, target) - lam * H(features): cross-entropy by default.
+
+    forward(logits, target, features) returns the loss; the last entropy is kept in
+    `self.last_entropy` (detached) for logging.
+    """
+
+    def __init__(self, dim: int, lam: float = 1.0, criterion: nn.Module | None = None,
+                 **feature_entropy_kwargs):
+        super().__init__()
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise ValueError(f"lam must be a finite real number, got {lam!r}")
+        self.lam = float(lam)
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.feature_entropy = FeatureEntropy(dim, **feature_entropy_kwargs)
+        self.last_entropy: Tensor | None = None
+
+    def forward(self, logits: Tensor, target: Tensor, features: Tensor) -> Tensor:
+        h = self.feature_entropy(features)
+        self.last_entropy = h.detach()
+        return self.criterion(logits, target) - self.lam * h
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}"

@@ -1,0 +1,86 @@
+"""The Gumbel noise rule shared by every backend.
+
+The noise of element (b, h, k) is a pure function of (seed, b, h, k), so the backward pass can
+recompute it instead of storing B x C x K values, and every backend (reference, torch, Triton,
+CUDA) draws the very same numbers for the same seed.
+
+The rule, for features of B rows, a dictionary of C heads and K bins:
+
+    Q       = ceil(K / 4)                                  # counters per (row, head)
+    n       = ((row_offset + b) * C + h) * Q + k // 4       # 64-bit counter
+    x0..x3  = Philox4x32-10(counter = (n mod 2^32, n div 2^32, 0, 0),
+                            key     = (seed mod 2^32, seed div 2^32))
+    x       = x_{k mod 4}                                    # one 32-bit word per bin
+    u       = (2 * (x >> 9) + 1) / 2^24                      # in [2^-24, 1 - 2^-24], exact in fp32
+    g       = -log(-log(u))                                  # standard Gumbel
+
+Philox4x32-10 is the counter-based generator of Salmon et al. (Random123, SC'11), the one
+`triton.language.rand` and cuRAND's Philox use: ten rounds of two 32x32->64 multiplies
+(multipliers 0xD2511F53 and 0xCD9E8D57) with the key bumped by (0x9E3779B9, 0xBB67AE85).
+`u` is never 0 or 1, so `g` is always finite. The words `x` are bit-identical across backends;
+`g` is computed in the backend's compute precision and may differ in the last bit between
+math libraries. `row_offset` is the global index of the first row, so that a batch split across
+processes draws the noise of the unsplit batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+MASK32 = 0xFFFFFFFF
+SEED_LIMIT = 2**63  # seeds live in [0, 2^63): a torch int64 (custom-op schemas have no uint64)
+
+
+def _mulhilo(multiplier: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # x holds 32-bit values in int64; the 64-bit product wraps in two's complement, whose
+    # bits are exactly those of the unsigned product, so masking recovers both halves.
+    product = x * multiplier
+    return (product >> 32) & MASK32, product & MASK32
+
+
+def philox4x32_10(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 on int64 tensors holding 32-bit words; returns the four output words."""
+    for _ in range(PHILOX_ROUNDS):
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + PHILOX_W0) & MASK32
+        k1 = (k1 + PHILOX_W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def random_words(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """The 32-bit words x[b, h, k] of the noise rule, as an int64 tensor (rows, heads, bins)."""
+    quads = (bins + 3) // 4
+    first = (row_offset * heads) * quads
+    n = torch.arange(first, first + rows * heads * quads, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(n)
+    words = philox4x32_10(n & MASK32, n >> 32, zero, zero, seed & MASK32, (seed >> 32) & MASK32)
+    return torch.stack(words, dim=-1).view(rows, heads, quads * 4)[:, :, :bins]
+
+
+def uniform_from_words(words: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """u = (2 * (x >> 9) + 1) / 2^24: 23 random bits, centred, exactly representable in fp32."""
+    return ((words >> 9) * 2 + 1).to(dtype) * (2.0**-24)
+
+
+def gumbel_noise(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard Gumbel noise g[b, h, k] of the shared rule, shape (rows, heads, bins)."""
+    u = uniform_from_words(random_words(seed, rows, heads, bins, row_offset, device), dtype)
+    return -torch.log(-torch.log(u))
+
+
+def draw_seed() -> torch.Tensor:
+    """A seed (0-d int64 CPU tensor) from torch's default generator, so `torch.manual_seed`
+    makes runs repeatable."""
+    return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64)
