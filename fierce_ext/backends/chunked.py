@@ -79,12 +79,12 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
         lse[start:stop] = chunk_lse = torch.logsumexp(z, dim=-1)
         if estimator == "gumbel_hard":
             winners = z.argmax(dim=-1)  # ties go to the lowest bin, as torch.argmax documents
-            counts = torch.zeros_like(histogram).scatter_add_(
-                1, winners.T, torch.ones_like(winners.T, dtype=dtype))
-            # A non-finite row has no meaningful argmax: make it poison the histogram.
-            histogram += counts + 0 * chunk_lse.sum()
+            histogram.scatter_add_(1, winners.T, torch.ones_like(winners.T, dtype=dtype))
         else:
             histogram += torch.exp(z - chunk_lse[:, :, None]).sum(dim=0)
+        # A row with a non-finite logit has a non-finite lse: poison every bin, not just some
+        # (an argmax or a softmax would otherwise turn it into plausible numbers).
+        histogram += 0 * chunk_lse.sum()
     return histogram / rows, lse
 
 

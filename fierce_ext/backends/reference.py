@@ -65,10 +65,11 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
     y = torch.softmax(z, dim=-1)
     if estimator == "gumbel_hard":
         e = torch.nn.functional.one_hot(z.argmax(dim=-1), z.shape[-1]).to(y.dtype)
-        e = e + 0 * y  # a non-finite row has no meaningful argmax: let it poison the histogram
     else:
         e = y
-    return e.mean(dim=0), torch.logsumexp(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    # A row with a non-finite logit has a non-finite lse: poison every bin, not just some.
+    return e.mean(dim=0) + 0 * lse.sum(), lse
 
 
 def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
