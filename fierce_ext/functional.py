@@ -8,6 +8,11 @@
 
 "gumbel_hard" is the paper's estimator: a hard histogram in the forward and the gradient of the
 soft one (straight-through). NaN or Inf in the features make the histogram and the entropy NaN.
+
+In training loops: the functions trace under `torch.compile(..., fullgraph=True)` (the backends
+run inside torch.library custom ops, see ops.py); float16/bfloat16 features (torch.autocast)
+compute in float32 and give a float32 result; `sync=True` / `process_group=` compute the
+histogram of the global batch across torch.distributed processes (see distributed.py).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import math
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
-from . import backends
+from . import backends, distributed
 from .dictionary import SIMILARITIES, uniform_dictionary
 from .noise import SEED_LIMIT, draw_seed
 from .ops import histogram_op
@@ -32,15 +38,31 @@ ENTROPY_EPS = 1e-21
 
 def histogram(features: Tensor, dictionary: Tensor, *, similarity: str = "cosine",
               estimator: str = "gumbel_hard", tau: float = 1.0, seed: int | None = None,
-              backend: str = "auto", row_offset: int = 0) -> Tensor:
+              backend: str = "auto", row_offset: int = 0, sync: bool = False,
+              process_group=None) -> Tensor:
     """The batch histogram p (C, K) of `features` (B, D) softly binned against `dictionary`
     (C, D, K); each row sums to 1. Differentiable w.r.t. `features`.
 
     `row_offset` is the global index of the first row (for noise that does not depend on how a
-    batch is split across processes). Float64 features compute in float64, others in float32.
+    batch is split across processes). Float64 features compute in float64, others in float32:
+    float16/bfloat16 features (e.g. under torch.autocast) give a float32 histogram and a
+    gradient in their own dtype.
+
+    `sync=True` (or a `process_group`) makes p the histogram of the global batch across the
+    processes of the torch.distributed group (default: the world), with noise and gradients those
+    of one process holding the concatenated batch (`row_offset` is then added to this rank's
+    global offset); see `fierce_ext.distributed`. Without an initialised process group it is
+    the single-process histogram.
     """
     _check_features(features)
     _check_dictionary(dictionary, features)
+    return _checked_histogram(features, dictionary, similarity, estimator, tau, seed, backend,
+                              row_offset, sync, process_group)
+
+
+def _checked_histogram(features, dictionary, similarity, estimator, tau, seed, backend,
+                       row_offset, sync, process_group) -> Tensor:
+    """`histogram` once features and dictionary are known to be valid."""
     _check_choice("similarity", similarity, SIMILARITIES)
     _check_choice("estimator", estimator, ESTIMATORS)
     tau = _check_tau(tau)
@@ -48,8 +70,14 @@ def histogram(features: Tensor, dictionary: Tensor, *, similarity: str = "cosine
         raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    name = backends.resolve(backend, features.device)
+    if backend != "auto" and backend not in backends.BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
+    group = _sync_group(sync, process_group)
+    name = _resolve_backend(backend, features.device)
     seed_tensor = _seed_tensor(seed)
+    if group is not None:
+        return distributed.global_histogram(features, dictionary, seed_tensor, similarity,
+                                            estimator, tau, row_offset, name, group)
     hist, _ = histogram_op(features, dictionary, seed_tensor, similarity, estimator, tau,
                            row_offset, name)
     return hist
@@ -67,34 +95,72 @@ def histogram_entropy(histogram: Tensor, reduction: str = "mean") -> Tensor:
 def entropy(features: Tensor, dictionary: Tensor | None = None, *, bins: int = 100,
             heads: int = 1, similarity: str = "cosine", estimator: str = "gumbel_hard",
             tau: float = 1.0, seed: int | None = None, reduction: str = "mean",
-            backend: str = "auto") -> Tensor:
+            backend: str = "auto", sync: bool = False, process_group=None) -> Tensor:
     """The FIERCE feature entropy of a batch, in bits; training subtracts lambda times it.
 
     With `dictionary=None`, a cached `uniform_dictionary(D, bins, heads, seed=0)` on the
     features' device is used (`bins` and `heads` are ignored when a dictionary is given).
     Returns a 0-d tensor (reduction="mean") or one value per head (reduction="none"), in
-    float32 (float64 for float64 features).
+    float32 (float64 for float64 features), also for float16/bfloat16 features and under
+    torch.autocast (the op computes in float32; the feature gradient keeps the features' dtype).
+
+    `sync=True` / `process_group=`: the entropy of the histogram of the global batch across a
+    torch.distributed group (SyncBatchNorm-style gradients; see `fierce_ext.distributed`).
+    Without an initialised process group this is the single-process entropy.
+
+    Works inside `torch.compile(..., fullgraph=True)` (seed=None draws the seed in the graph);
+    the distributed path runs eagerly (a graph break).
     """
     _check_features(features)
     _check_choice("reduction", reduction, REDUCTIONS)
     if dictionary is None:
+        # Valid by construction (and a traced constant under torch.compile, whose attributes
+        # such as requires_grad dynamo cannot read): skip the dictionary checks.
         dictionary = default_dictionary(features.shape[1], bins, heads, features.device,
                                         features.dtype == torch.float64)
-    hist = histogram(features, dictionary, similarity=similarity, estimator=estimator, tau=tau,
-                     seed=seed, backend=backend)
+    else:
+        _check_dictionary(dictionary, features)
+    hist = _checked_histogram(features, dictionary, similarity, estimator, tau, seed, backend,
+                              0, sync, process_group)
     return histogram_entropy(hist, reduction)
 
 
 def default_dictionary(dim: int, bins: int, heads: int, device: torch.device,
                        float64: bool = False) -> Tensor:
     """The dictionary `entropy` uses when none is given: uniform on [-1, 1), seed 0, cached."""
-    return _cached_dictionary(dim, bins, heads, torch.device(device), float64)
+    # Under torch.compile `dim` may be symbolic (dynamic shapes); the dictionary is a constant
+    # of the graph, so specialise on it (a guard, a recompile for a new D; eager: a no-op).
+    dim = guard_scalar(dim)
+    return _constant_dictionary(dim, bins, heads, torch.device(device), float64)
+
+
+@torch.compiler.assume_constant_result
+def _constant_dictionary(dim, bins, heads, device, float64):
+    # torch.compile runs this at trace time and bakes the result into the graph: the dictionary
+    # is drawn with a torch.Generator, which dynamo cannot trace, and an lru_cache is not traced
+    # as a cache. Eager calls just hit the cache.
+    return _cached_dictionary(dim, bins, heads, device, float64)
 
 
 @functools.lru_cache(maxsize=32)
 def _cached_dictionary(dim, bins, heads, device, float64):
     return uniform_dictionary(dim, bins, heads, seed=0, device=device,
                               dtype=torch.float64 if float64 else torch.float32)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(name: str, device: torch.device) -> str:
+    # Resolved once at trace time under torch.compile (it imports modules and probes devices).
+    return backends.resolve(name, device)
+
+
+def _sync_group(sync, process_group):
+    """The process group to synchronise over, or None for a single process."""
+    if not isinstance(sync, bool):
+        raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+    if not sync and process_group is None:
+        return None
+    return distributed.active_group(process_group)
 
 
 # ---------------------------------------------------------------------------- argument checks

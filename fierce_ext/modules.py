@@ -18,17 +18,27 @@ class FeatureEntropy(nn.Module):
     The dictionary (heads, dim, bins) is a buffer: saved in the state_dict, moved by `.to()`,
     never trained. By default it is `uniform_dictionary(dim, bins, heads, seed=0)`. Each forward
     draws new Gumbel noise from torch's default generator (pass `seed=` to fix it).
+
+    `sync=True` (or `process_group=`): under torch.distributed (e.g. with DDP) the entropy is that
+    of the histogram of the global batch across the group, with SyncBatchNorm-style gradients, so
+    a DDP step equals a single-process step on the concatenated batch; see
+    `fierce_ext.distributed`. Without an initialised process group it is single-process.
+    Mixed precision: bf16/fp16 features (torch.autocast) are fine; the result is float32.
     """
 
     dictionary: Tensor
 
     def __init__(self, dim: int, bins: int = 100, heads: int = 1, similarity: str = "cosine",
                  estimator: str = "gumbel_hard", tau: float = 1.0,
-                 dictionary: Tensor | None = None, backend: str = "auto"):
+                 dictionary: Tensor | None = None, backend: str = "auto", sync: bool = False,
+                 process_group=None):
         super().__init__()
         _check_choice("similarity", similarity, SIMILARITIES)
         _check_choice("estimator", estimator, ESTIMATORS)
         self.tau = _check_tau(tau)
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+        self.sync, self.process_group = sync, process_group
         if dictionary is None:
             dictionary = uniform_dictionary(dim, bins, heads, seed=0)
         elif not isinstance(dictionary, Tensor) or dictionary.dim() != 3:
@@ -55,19 +65,23 @@ class FeatureEntropy(nn.Module):
                 reduction: str = "mean") -> Tensor:
         return entropy(features, self.dictionary, similarity=self.similarity,
                        estimator=self.estimator, tau=self.tau, seed=seed, reduction=reduction,
-                       backend=self.backend)
+                       backend=self.backend, sync=self.sync, process_group=self.process_group)
 
     def extra_repr(self) -> str:
         heads, dim, bins = self.dictionary.shape
         return (f"dim={dim}, bins={bins}, heads={heads}, similarity={self.similarity!r}, "
-                f"estimator={self.estimator!r}, tau={self.tau}, backend={self.backend!r}")
+                f"estimator={self.estimator!r}, tau={self.tau}, backend={self.backend!r}"
+                + (", sync=True" if self.sync or self.process_group is not None else ""))
 
 
 class FIERCELoss(nn.Module):
     """criterion(logits, target) - lam * H(features): cross-entropy by default.
 
-    forward(logits, target, features) returns the loss; the last entropy is kept in
-    `self.last_entropy` (detached) for logging.
+    forward(logits, target, features, seed=None) returns the loss; the last entropy is kept in
+    `self.last_entropy` (detached) for logging. Keyword arguments go to `FeatureEntropy`
+    (bins, heads, similarity, estimator, tau, dictionary, backend, sync, process_group).
+    With `sync=True` under DDP, the entropy term is that of the global batch (see
+    `fierce_ext.distributed`); the criterion stays per rank, as usual with DDP.
     """
 
     def __init__(self, dim: int, lam: float = 1.0, criterion: nn.Module | None = None,
@@ -80,8 +94,9 @@ class FIERCELoss(nn.Module):
         self.feature_entropy = FeatureEntropy(dim, **feature_entropy_kwargs)
         self.last_entropy: Tensor | None = None
 
-    def forward(self, logits: Tensor, target: Tensor, features: Tensor) -> Tensor:
-        h = self.feature_entropy(features)
+    def forward(self, logits: Tensor, target: Tensor, features: Tensor,
+                seed: int | None = None) -> Tensor:
+        h = self.feature_entropy(features, seed=seed)
         self.last_entropy = h.detach()
         return self.criterion(logits, target) - self.lam * h
 

@@ -5,9 +5,18 @@ backward needs; its backward is `fierce_ext::histogram_backward`, which maps dL/
 are custom ops with fake (meta) implementations, so torch.compile traces through them without
 graph breaks and torch.library.opcheck can check them. The seed travels as a 0-d int64 CPU tensor
 so that drawing it inside a compiled region needs no `.item()` in the graph.
+
+Mixed precision (torch.autocast): the ops have no autocast registration that casts inputs. They
+take float16/bfloat16 features as they are (a fused backend reads them directly, half the bytes of
+an fp32 copy), compute and accumulate in float32, return the histogram in float32 and the feature
+gradient in the features' dtype. Autocast is switched off inside the implementations: a custom
+op's body otherwise still runs under the caller's autocast state, and the backends' fp32 GEMMs
+would silently drop to bf16/fp16.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -20,12 +29,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _autocast_off(device: torch.device):
+    """A context that disables autocast on `device` (the ops promise fp32 compute)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @torch.library.custom_op("fierce_ext::histogram", mutates_args=())
 def histogram_op(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
                  estimator: str, tau: float, row_offset: int, backend: str
                  ) -> tuple[Tensor, Tensor]:
-    return backends.load(backend).histogram_forward(
-        features, dictionary, similarity, estimator, tau, int(seed), row_offset)
+    with _autocast_off(features.device):
+        return backends.load(backend).histogram_forward(
+            features, dictionary, similarity, estimator, tau, int(seed), row_offset)
 
 
 @histogram_op.register_fake
@@ -40,9 +57,10 @@ def _histogram_fake(features, dictionary, seed, similarity, estimator, tau, row_
 def histogram_backward_op(grad_histogram: Tensor, features: Tensor, dictionary: Tensor,
                           lse: Tensor, seed: Tensor, similarity: str, estimator: str, tau: float,
                           row_offset: int, backend: str) -> Tensor:
-    return backends.load(backend).histogram_backward(
-        grad_histogram.contiguous(), features, dictionary, lse, similarity, estimator, tau,
-        int(seed), row_offset)
+    with _autocast_off(features.device):
+        return backends.load(backend).histogram_backward(
+            grad_histogram.contiguous(), features, dictionary, lse, similarity, estimator, tau,
+            int(seed), row_offset)
 
 
 @histogram_backward_op.register_fake

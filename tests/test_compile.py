@@ -1,0 +1,151 @@
+"""torch.compile and torch.library checks of the custom ops (CPU).
+
+Each compile costs seconds on the CPU machines, so the compiled functions are few: one training
+step (model + FIERCELoss, fixed seed), `entropy` with the default dictionary and a fixed seed, and
+`entropy` with seed=None. All use fullgraph=True, so any graph break fails the test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fierce_ext
+from fierce_ext.ops import histogram_backward_op, histogram_op
+
+BINS = 10
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class Net(nn.Module):
+    def __init__(self, dim_in=6, dim_feat=8, classes=3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(dim_in, 16), nn.ReLU(), nn.Linear(16, dim_feat))
+        self.head = nn.Linear(dim_feat, classes)
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.head(features), features
+
+
+def _grads(module):
+    return {name: p.grad.clone() for name, p in module.named_parameters()}
+
+
+def test_compiled_training_step_matches_eager():
+    torch.manual_seed(0)
+    model = Net()
+    # sync=True without a process group is the single-process computation and must trace too.
+    criterion = fierce_ext.FIERCELoss(8, lam=0.7, bins=BINS, heads=2, tau=0.5, sync=True)
+    x, target = torch.randn(32, 6), torch.randint(0, 3, (32,))
+
+    def step(x, target):
+        logits, features = model(x)
+        loss = criterion(logits, target, features, seed=1234)
+        return loss, criterion.last_entropy
+
+    eager_loss, eager_entropy = step(x, target)
+    eager_loss.backward()
+    eager_grads = _grads(model)
+    model.zero_grad()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss, entropy = compiled(x, target)
+    loss.backward()
+    grads = _grads(model)
+
+    assert 0 < entropy.item() <= math.log2(BINS)
+    torch.testing.assert_close(entropy, eager_entropy)
+    torch.testing.assert_close(loss, eager_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], msg=f"gradient of {name}")
+    # The entropy part of the gradient is not zero, so the comparison above covers it.
+    assert any(p.grad.abs().sum() > 0 for p in model.body.parameters())
+
+
+def test_compiled_entropy_default_dictionary_fixed_seed():
+    torch.manual_seed(1)
+    x = torch.randn(40, 5, requires_grad=True)
+
+    def fn(x):
+        return fierce_ext.entropy(x, bins=BINS, heads=3, seed=77, estimator="gumbel_soft")
+
+    expected = fn(x)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    value = torch.compile(fn, fullgraph=True)(x)
+    (grad,) = torch.autograd.grad(value, x)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    assert grad.abs().sum() > 0
+
+
+def test_compiled_entropy_seed_none_draws_from_default_generator():
+    # fallback_random makes inductor draw from torch's default generator exactly as eager does,
+    # so a compiled seed=None call must reproduce the eager one after the same manual_seed; a
+    # seed baked into the graph at trace time would fail the second comparison.
+    x = torch.randn(64, 4, requires_grad=True)
+
+    def fn(x):
+        return fierce_ext.entropy(x, bins=BINS, seed=None)
+
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(fn, fullgraph=True)
+        results = []
+        for seed in (3, 4):
+            torch.manual_seed(seed)
+            expected = fn(x)
+            (expected_grad,) = torch.autograd.grad(expected, x)
+            torch.manual_seed(seed)
+            value = compiled(x)
+            (grad,) = torch.autograd.grad(value, x)
+            torch.testing.assert_close(value, expected)
+            torch.testing.assert_close(grad, expected_grad)
+            results.append(value.item())
+    assert results[0] != results[1]  # a new seed per call
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("similarity,estimator,dtype", [
+    ("cosine", "gumbel_hard", torch.float32),
+    ("dot", "gumbel_soft", torch.float64),
+    ("distance", "softmax", torch.float32),
+    ("cosine", "gumbel_soft", torch.bfloat16),  # fake must say: fp32 outputs, bf16 gradient
+], ids=lambda value: str(value).removeprefix("torch."))
+def test_opcheck_histogram_ops(backend, similarity, estimator, dtype):
+    torch.manual_seed(2)
+    features = torch.randn(9, 4, dtype=dtype, requires_grad=True)
+    dictionary = fierce_ext.uniform_dictionary(4, 6, 2, dtype=dtype)
+    seed = torch.tensor(12345, dtype=torch.int64)
+    args = (features, dictionary, seed, similarity, estimator, 0.7, 3, backend)
+    torch.library.opcheck(histogram_op, args)
+
+    hist, lse = histogram_op(*args)
+    grad_histogram = torch.randn_like(hist)
+    torch.library.opcheck(histogram_backward_op,
+                          (grad_histogram, features.detach(), dictionary, lse, seed, similarity,
+                           estimator, 0.7, 3, backend))
+
+
+def test_eager_argument_errors_unchanged():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="tau"):
+        fierce_ext.entropy(x, tau=float("inf"))
+    with pytest.raises(ValueError, match="tau"):
+        fierce_ext.entropy(x, tau=float("nan"))
+    with pytest.raises(ValueError, match="dictionary dim"):
+        fierce_ext.entropy(x, torch.rand(1, 5, 4))
+    with pytest.raises(ValueError, match="requires grad"):
+        fierce_ext.entropy(x, torch.rand(1, 3, 4, requires_grad=True))
+    with pytest.raises(TypeError, match="sync"):
+        fierce_ext.entropy(x, sync=1)
+    with pytest.raises(ValueError, match="bins"):
+        fierce_ext.entropy(x, bins=0)
