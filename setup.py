@@ -51,8 +51,11 @@ def _cuda_extension():
     extension = cpp_extension.CUDAExtension(
         name="fierce_ext._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        # No -std flag: torch's BuildExtension picks the standard its headers need (C++20 for
+        # torch 2.14, whose ATen.h rejects C++17). No --use_fast_math: it would change
+        # logf/expf and so the Gumbel noise that every backend must share.
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "-lineinfo"]},
     )
     return extension, {"build_ext": cpp_extension.BuildExtension}
 

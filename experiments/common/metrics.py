@@ -65,7 +65,9 @@ def ot_map_1d(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     Uniform weights on both sides; POT's exact 1-D solver gives the monotone coupling G (n x m), and
     each value is sent to the barycentre of the reference values it is coupled with:
     out_i = n * sum_j G_ij reference_j. With n == m this is plain quantile matching (the i-th smallest
-    value receives the i-th smallest reference); ties in ``values`` are broken by position.
+    value receives the i-th smallest reference). Equal values are indistinguishable, so they all receive
+    the mean of what their group is coupled with (a collapsed feature predicts the mean, not a random
+    permutation of the references).
     """
     values = np.asarray(values, dtype=np.float64).ravel()
     reference = np.asarray(reference, dtype=np.float64).ravel()
@@ -74,14 +76,20 @@ def ot_map_1d(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     if not (np.all(np.isfinite(values)) and np.all(np.isfinite(reference))):
         raise ValueError("ot_map_1d got non-finite values")
     n, m = values.size, reference.size
-    # Break ties deterministically (stable sort order), so equal features do not share a blended target.
+    # Transport ranks (ties broken by position) so the coupling is a well-defined monotone plan...
+    order = np.argsort(values, kind="stable")
     ranks = np.empty(n)
-    ranks[np.argsort(values, kind="stable")] = np.arange(n)
+    ranks[order] = np.arange(n)
     coupling = ot.emd_1d(ranks, reference, np.full(n, 1.0 / n), np.full(m, 1.0 / m), metric="sqeuclidean", dense=False)
     coupling = coupling.tocoo()
     mapped = np.zeros(n)
     np.add.at(mapped, coupling.row, coupling.data * reference[coupling.col])
-    return mapped * n
+    mapped *= n
+    # ...then give tied values the mean of their group's targets.
+    unique, group = np.unique(values, return_inverse=True)
+    if unique.size < n:
+        mapped = (np.bincount(group, weights=mapped) / np.bincount(group))[group]
+    return mapped
 
 
 def orient(features: np.ndarray, is_young: np.ndarray) -> np.ndarray:
