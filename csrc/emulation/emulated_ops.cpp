@@ -1,0 +1,77 @@
+// The kernels of fierce_kernels.cu built for the CPU emulation (cuda_emulation.h), behind a C
+// interface for ctypes: tests/test_cuda_build.py builds this file with
+//   g++ -std=c++20 -O1 -DFIERCE_EMULATE -shared -fPIC -pthread emulated_ops.cpp -o libfierce_emu.so
+// and compares what the kernels compute with the torch backend, without a GPU.
+// All pointers are host memory; workspaces are the caller's (any contents).
+#include "../fierce_kernels.cu"
+
+extern "C" {
+
+size_t fierce_emu_forward_shared_bytes(int mode) {
+  return fierce::forward_shared_bytes(static_cast<fierce::GemmMode>(mode));
+}
+
+size_t fierce_emu_backward_shared_bytes(int mode) {
+  return fierce::backward_shared_bytes(static_cast<fierce::GemmMode>(mode));
+}
+
+int fierce_emu_forward(int mode, const void* features, const void* vt, const void* bias,
+                       void* histogram, void* lse, void* partials, int* flags, int64_t rows,
+                       int dim, int heads, int bins, int blocks_per_head, int cosine,
+                       int estimator, double tau, uint64_t seed, uint64_t row_offset) {
+  fierce::ForwardParams params{};
+  params.features = features;
+  params.vt = vt;
+  params.bias = bias;
+  params.histogram = histogram;
+  params.lse = lse;
+  params.partials = partials;
+  params.flags = flags;
+  params.rows = rows;
+  params.dim = dim;
+  params.heads = heads;
+  params.bins = bins;
+  params.blocks_per_head = blocks_per_head;
+  params.cosine = cosine != 0;
+  params.estimator = estimator;
+  params.tau = tau;
+  params.seed = seed;
+  params.row_offset = row_offset;
+  return static_cast<int>(
+      fierce::launch_histogram_forward(static_cast<fierce::GemmMode>(mode), params, nullptr));
+}
+
+int fierce_emu_backward(int mode, const void* grad_histogram, const void* features,
+                        const void* vt, const void* bias, const void* lse, void* expected,
+                        void* accumulator, void* grad_features, int64_t rows, int dim, int heads,
+                        int bins, int cosine, int estimator, double tau, uint64_t seed,
+                        uint64_t row_offset) {
+  fierce::BackwardParams params{};
+  params.grad_histogram = grad_histogram;
+  params.features = features;
+  params.vt = vt;
+  params.bias = bias;
+  params.lse = lse;
+  params.expected = expected;
+  params.accumulator = accumulator;
+  params.grad_features = grad_features;
+  params.rows = rows;
+  params.dim = dim;
+  params.heads = heads;
+  params.bins = bins;
+  params.cosine = cosine != 0;
+  params.estimator = estimator;
+  params.tau = tau;
+  params.seed = seed;
+  params.row_offset = row_offset;
+  return static_cast<int>(
+      fierce::launch_histogram_backward(static_cast<fierce::GemmMode>(mode), params, nullptr));
+}
+
+// The kernels' noise words for one (row, head, quad) counter, to check Philox bit for bit.
+void fierce_emu_philox(uint64_t counter, uint64_t seed, uint32_t* out) {
+  const fierce::PhiloxWords words = fierce::philox4x32_10(counter, seed);
+  for (int i = 0; i < 4; ++i) out[i] = words.x[i];
+}
+
+}  // extern "C"

@@ -1,0 +1,86 @@
+// Interface between the op definitions (fierce_ops.cpp, compiled by the host compiler with torch's
+// headers) and the kernels (fierce_kernels.cu, compiled by nvcc without them).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#ifdef FIERCE_EMULATE
+#include "emulation/cuda_emulation.h"
+#else
+#include <cuda_runtime_api.h>
+#endif
+
+namespace fierce {
+
+// How the logit GEMM multiplies, chosen from the features' dtype (and allow_tf32 for float32).
+enum class GemmMode : int {
+  kHalf = 0,    // float16 tensor cores (16x16x16), float32 accumulation
+  kBFloat16,    // bfloat16 tensor cores (16x16x16), float32 accumulation
+  kTF32,        // float32 inputs on tf32 tensor cores (16x16x8), float32 accumulation
+  kFloat,       // float32 inputs, exact float32 FMAs
+  kDouble,      // float64 inputs, float64 FMAs
+};
+
+enum Estimator : int { kGumbelHard = 0, kGumbelSoft = 1, kSoftmax = 2 };
+
+// Pointers are device pointers to contiguous tensors. "acc" is float, or double for kDouble.
+struct ForwardParams {
+  const void* features;  // (B, D), features dtype
+  const void* vt;        // (C, K, D), features dtype: the projected dictionary, bins-major
+  const void* bias;      // (C, K) acc, or nullptr when the similarity has none
+  void* histogram;       // (C, K) acc, out
+  void* lse;             // (B, C) acc, out
+  void* partials;        // (P, C, K): int32 counts (gumbel_hard) or acc sums, workspace
+  int* flags;            // (P, C) int32 workspace: a block saw a non-finite log-sum-exp
+  int64_t rows;          // B
+  int dim;               // D
+  int heads;             // C
+  int bins;              // K
+  int blocks_per_head;   // P: row-tile groups per head (each block walks tiles p, p+P, ...)
+  bool cosine;           // rows scaled by 1/|r_b|
+  int estimator;
+  double tau;
+  uint64_t seed;
+  uint64_t row_offset;
+};
+
+struct BackwardParams {
+  const void* grad_histogram;  // (C, K) acc
+  const void* features;        // (B, D)
+  const void* vt;              // (C, K, D)
+  const void* bias;            // (C, K) acc or nullptr
+  const void* lse;             // (B, C) acc, saved by the forward
+  void* expected;              // (B, C) acc workspace: sum_k y G, used when K > kTileBins
+  void* accumulator;           // (padded_rows, padded_dim) acc workspace for sum delta v
+  void* grad_features;         // (B, D) features dtype, out
+  int64_t rows;
+  int dim;
+  int heads;
+  int bins;
+  bool cosine;
+  int estimator;
+  double tau;
+  uint64_t seed;
+  uint64_t row_offset;
+};
+
+// Tile sizes the host needs for workspace shapes.
+constexpr int kTileRows = 32;     // rows of features per block
+constexpr int kTileBins = 128;    // bins per logit tile
+constexpr int kTileDim = 128;     // feature columns per gradient tile
+
+// Shapes of the gradient accumulator workspace (whole tiles, so tensor-core stores stay in bounds).
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t padded_rows(int64_t rows) { return ceil_div(rows, kTileRows) * kTileRows; }
+__host__ __device__ inline int64_t padded_dim(int64_t dim) { return ceil_div(dim, kTileDim) * kTileDim; }
+
+// Dynamic shared memory each kernel of a mode needs (bytes), for checks against the device limit.
+size_t forward_shared_bytes(GemmMode mode);
+size_t backward_shared_bytes(GemmMode mode);
+
+// Enqueue the kernels on `stream`; return the first launch error (cudaSuccess when none).
+cudaError_t launch_histogram_forward(GemmMode mode, const ForwardParams& params, cudaStream_t stream);
+cudaError_t launch_histogram_backward(GemmMode mode, const BackwardParams& params, cudaStream_t stream);
+
+}  // namespace fierce

@@ -1,0 +1,205 @@
+"""The `cuda` backend: the compiled extension `fierce_ext._C` (csrc/), fused CUDA kernels.
+
+The extension registers two ops (CUDA kernels only):
+
+    torch.ops.fierce_ext.cuda_histogram_forward(features, vt, bias, similarity, estimator, tau,
+                                                seed, row_offset, allow_tf32) -> (histogram, lse)
+    torch.ops.fierce_ext.cuda_histogram_backward(grad_histogram, features, vt, bias, lse,
+                                                 similarity, estimator, tau, seed, row_offset,
+                                                 allow_tf32) -> grad_features
+
+This module adapts them to the backend interface: it projects the dictionary once per
+(dictionary, similarity, dtype) (vt = v laid out bins-major (C, K, D) in the features' dtype,
+bias c (C, K) in the compute dtype, see dictionary.project_dictionary) and keeps the last few
+projections, and it registers the ops' fake implementations so torch.compile and
+torch.library.opcheck can trace them. Importing it never imports the extension; a missing or
+broken extension only makes `unavailable_reason` say why.
+
+Precision of float32 features: the logit and gradient GEMMs use tf32 tensor cores unless the
+environment variable FIERCE_EXT_FP32_PRECISION is "ieee" (exact float32 FMAs). The default is
+"tf32" (not torch.backends.cuda.matmul.allow_tf32, which defaults to False), because this
+backend exists for speed and its statistics accumulate in float32 either way. float16/bfloat16
+features use their own tensor cores with float32 accumulation; float64 features use float64 FMAs.
+The cached projection assumes the dictionary is only changed in place through autograd-visible
+operations (which bump its version counter), not through `.data`.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import importlib.util
+import os
+import threading
+
+import torch
+
+from ..dictionary import project_dictionary
+
+NAME = "cuda"
+
+PRECISION_ENV = "FIERCE_EXT_FP32_PRECISION"
+PRECISIONS = ("tf32", "ieee")
+MIN_CAPABILITY = (8, 0)  # bfloat16 / tf32 WMMA
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BUILD_HINT = ("build it with `FIERCE_EXT_BUILD_CUDA=1 pip install --no-build-isolation .` "
+              "against a CUDA build of torch, with nvcc (CUDA_HOME) available")
+
+_lock = threading.Lock()
+_extension = None        # the imported fierce_ext._C
+_load_error: str | None = None
+_fakes_registered = False
+_CACHE_SIZE = 8
+_projections: collections.OrderedDict = collections.OrderedDict()
+
+
+def _load() -> str | None:
+    """Import fierce_ext._C once; None when it is usable, else why not."""
+    global _extension, _load_error
+    with _lock:
+        if _extension is not None or _load_error is not None:
+            return _load_error
+        try:
+            spec = importlib.util.find_spec("fierce_ext._C")
+        except (ImportError, ValueError) as error:
+            spec, _load_error = None, f"cannot look for fierce_ext._C: {error}"
+            return _load_error
+        if spec is None:
+            _load_error = f"fierce_ext was installed without the CUDA extension: {BUILD_HINT}"
+            return _load_error
+        try:
+            module = importlib.import_module("fierce_ext._C")
+        except Exception as error:  # ImportError, OSError: ABI mismatch, missing libraries
+            _load_error = (f"the CUDA extension fierce_ext._C failed to import "
+                           f"({type(error).__name__}: {error}); it was probably built against "
+                           f"another torch or CUDA: rebuild it ({BUILD_HINT})")
+            return _load_error
+        if not _ops_registered():
+            _load_error = (f"fierce_ext._C imported but does not register "
+                           f"fierce_ext::cuda_histogram_forward/backward: it is stale; rebuild it "
+                           f"({BUILD_HINT})")
+            return _load_error
+        _register_fakes()
+        _extension = module
+        return None
+
+
+def _ops_registered() -> bool:
+    return all(hasattr(torch.ops.fierce_ext, name)
+               for name in ("cuda_histogram_forward", "cuda_histogram_backward"))
+
+
+def _register_fakes() -> None:
+    """Fake implementations of the compiled ops. Called once they exist: after _load imports
+    the extension, or when this module is imported with the extension already loaded (the ops
+    name this module with set_python_module, so torch imports it when it needs their fakes)."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+
+    @torch.library.register_fake("fierce_ext::cuda_histogram_forward")
+    def _forward_fake(features, vt, bias, similarity, estimator, tau, seed, row_offset,
+                      allow_tf32):
+        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+        heads, bins = vt.shape[0], vt.shape[1]
+        return (features.new_empty((heads, bins), dtype=dtype),
+                features.new_empty((features.shape[0], heads), dtype=dtype))
+
+    @torch.library.register_fake("fierce_ext::cuda_histogram_backward")
+    def _backward_fake(grad_histogram, features, vt, bias, lse, similarity, estimator, tau, seed,
+                       row_offset, allow_tf32):
+        return features.new_empty(features.shape)  # contiguous, like the kernel's output
+
+    _fakes_registered = True
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA devices only, got {device}"
+    reason = _load()
+    if reason is not None:
+        return reason
+    if not torch.cuda.is_available():
+        return "torch reports no usable CUDA device (torch.cuda.is_available() is False)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        return f"no CUDA device {index}: torch sees {torch.cuda.device_count()}"
+    capability = torch.cuda.get_device_capability(index)
+    if capability < MIN_CAPABILITY:
+        return (f"the cuda backend needs compute capability >= "
+                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (bfloat16/tf32 tensor cores); "
+                f"device {index} has {capability[0]}.{capability[1]}")
+    return None
+
+
+def allow_tf32() -> bool:
+    """Whether float32 features multiply on tf32 tensor cores (FIERCE_EXT_FP32_PRECISION)."""
+    value = os.environ.get(PRECISION_ENV, "tf32").strip().lower()
+    if value not in PRECISIONS:
+        raise ValueError(f"{PRECISION_ENV} must be one of {PRECISIONS}, got {value!r}")
+    return value == "tf32"
+
+
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Other floating dtypes (float8 ...) compute as float32, like the torch backend.
+    return dtype if dtype in SUPPORTED_DTYPES else torch.float32
+
+
+def project(dictionary: torch.Tensor, similarity: str, dtype: torch.dtype):
+    """(vt, bias) for the kernels: v of project_dictionary as (C, K, D) in `dtype` (the features'
+    dtype) and the bias (C, K) in the compute dtype or None. Cached per dictionary version."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    key = None
+    if not dictionary.is_inference():  # inference tensors have no version counter
+        key = (similarity, dtype, dictionary.device, dictionary.data_ptr(), dictionary._version,
+               dictionary.dtype, tuple(dictionary.shape), tuple(dictionary.stride()))
+        with _lock:
+            hit = _projections.get(key)
+            if hit is not None:
+                _projections.move_to_end(key)
+                return hit[1], hit[2]
+    v, bias = project_dictionary(dictionary, similarity, compute)
+    vt = v.transpose(1, 2).to(dtype).contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    if key is not None:
+        with _lock:
+            # Holding the dictionary keeps its memory from being reused by another tensor that
+            # could then match the key.
+            _projections[key] = (dictionary, vt, bias)
+            while len(_projections) > _CACHE_SIZE:
+                _projections.popitem(last=False)
+    return vt, bias
+
+
+def _require() -> None:
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"the cuda backend is unavailable: {reason}")
+
+
+def histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
+    _require()
+    features = features.to(_kernel_dtype(features.dtype))
+    vt, bias = project(dictionary, similarity, features.dtype)
+    return torch.ops.fierce_ext.cuda_histogram_forward(
+        features.contiguous(), vt, bias, similarity, estimator, float(tau), int(seed),
+        int(row_offset), allow_tf32())
+
+
+def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
+                       seed, row_offset):
+    _require()
+    dtype = features.dtype
+    kernel_features = features.to(_kernel_dtype(dtype)).contiguous()
+    compute = torch.float64 if kernel_features.dtype == torch.float64 else torch.float32
+    vt, bias = project(dictionary, similarity, kernel_features.dtype)
+    grad_features = torch.ops.fierce_ext.cuda_histogram_backward(
+        grad_histogram.to(compute).contiguous(), kernel_features, vt, bias,
+        lse.to(compute).contiguous(), similarity, estimator, float(tau), int(seed),
+        int(row_offset), allow_tf32())
+    return grad_features.to(dtype)
+
+
+if _ops_registered():  # the extension was loaded before this module (see _register_fakes)
+    _register_fakes()

@@ -1,0 +1,321 @@
+"""The `cuda` backend (the compiled extension fierce_ext._C) on a GPU.
+
+Skipped without CUDA (tests/gpu/conftest.py); with CUDA, a missing or broken extension FAILS
+(the GPU check builds it first). Compared on the same device and the same rounded inputs with:
+* the torch backend (same projected math): hard histograms identical except rows whose float64
+  top-2 logit margin is below twice a bound on the logit error of the mode (each such row may
+  move one count); soft histograms, lse and gradients within the per-mode tolerances below;
+* the reference backend in float64 (float64 features: to 1e-10);
+* the Triton backend when it is available: the same hard histograms (up to near ties);
+* itself: bitwise identical outputs run to run.
+
+Tolerances (kernel vs torch backend), from the operand rounding of each mode: float64 1e-12;
+float32 with FIERCE_EXT_FP32_PRECISION=ieee: a few ulps (2e-5 relative); tf32 and float16:
+2^-11 per operand (1e-2); bfloat16: 2^-8 (4e-2 on gradients relative to their max).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fierce_ext
+from fierce_ext.backends import chunked, reference
+from fierce_ext.backends import cuda as cuda_backend
+from fierce_ext.dictionary import bin_dictionary, uniform_dictionary
+from fierce_ext.noise import gumbel_noise
+
+if not torch.cuda.is_available():  # conftest.py skips this directory too; never run without CUDA
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+DEVICE = torch.device("cuda")
+SIMILARITIES = ("dot", "cosine", "distance")
+ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
+# name: (features dtype, fp32 precision, (lse tol relative to 1 + |lse|, soft histogram atol,
+#        gradient tol relative to max |grad|), operand rounding u for the tie bound)
+MODES = {
+    "float16": (torch.float16, "tf32", (1e-2, 2e-4, 1e-2), 2.0**-11),
+    "bfloat16": (torch.bfloat16, "tf32", (6e-2, 2e-3, 4e-2), 2.0**-8),
+    "tf32": (torch.float32, "tf32", (1e-2, 2e-4, 1e-2), 2.0**-10),
+    "float32": (torch.float32, "ieee", (2e-5, 1e-6, 2e-5), 0.0),
+    "float64": (torch.float64, "ieee", (1e-12, 1e-12, 1e-10), 0.0),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cuda_backend_must_be_available():
+    reason = cuda_backend.unavailable_reason(DEVICE)
+    assert reason is None, f"the cuda backend cannot run on this GPU: {reason}"
+
+
+@pytest.fixture
+def precision(monkeypatch):
+    def set_precision(value):
+        monkeypatch.setenv(cuda_backend.PRECISION_ENV, value)
+    return set_precision
+
+
+def make_case(rows, dim, heads, bins, similarity, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(rows, dim, generator=generator, dtype=torch.float64)
+    dictionary = uniform_dictionary(dim, bins, heads, seed=seed, dtype=torch.float64)
+    if similarity == "dot":
+        features = features * (1.5 / math.sqrt(dim))
+    if similarity == "distance":
+        features = features * 0.5
+    return features.to(DEVICE, dtype), dictionary.to(DEVICE)
+
+
+def near_ties(mode, features, dictionary, similarity, tau, seed, row_offset):
+    """Rows whose float64 top-2 logit margin is below twice a bound on the kernel's logit error."""
+    dtype, _, _, operand = MODES[mode]
+    r = features.double()
+    vt, bias = cuda_backend.project(dictionary, similarity, dtype)
+    v = vt.double()
+    eps = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    u = operand + (r.shape[1] + 2) * eps
+    scale = torch.ones(r.shape[0], dtype=torch.float64, device=r.device)
+    if similarity == "cosine":
+        scale = 1 / r.norm(dim=1).clamp_min(1e-12)
+    s = torch.einsum("bd,hkd->bhk", r, v) * scale[:, None, None]
+    magnitude = torch.einsum("bd,hkd->bhk", r.abs(), v.abs()) * scale[:, None, None]
+    if bias is not None:
+        s, magnitude = s + bias.double(), magnitude + bias.double().abs()
+    rows, heads, bins = s.shape
+    if bins == 1:
+        return 0
+    z = (s + gumbel_noise(seed, rows, heads, bins, row_offset, device=r.device,
+                          dtype=torch.float64)) / tau
+    top = z.topk(2, dim=-1).values
+    error = u * magnitude.amax(dim=-1) / tau + 8 * eps * (1 + top[..., 0].abs())
+    return int(((top[..., 0] - top[..., 1]) < 2 * error).sum())
+
+
+def assert_same_counts(histogram, expected, rows, ties):
+    counts = (histogram.double() * rows).round()
+    moved = (counts - (expected.double() * rows).round()).abs().sum().item() / 2
+    assert moved <= ties, f"{moved} counts moved, {ties} near-tie rows allow"
+
+
+def run_cuda(features, dictionary, similarity, estimator, tau, seed, row_offset, grad_histogram):
+    histogram, lse = cuda_backend.histogram_forward(features, dictionary, similarity, estimator,
+                                                    tau, seed, row_offset)
+    grad = cuda_backend.histogram_backward(grad_histogram, features, dictionary, lse, similarity,
+                                           estimator, tau, seed, row_offset)
+    return histogram, lse, grad
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("shape", [(300, 70, 3, 150), (257, 33, 1, 100)], ids=["K150", "K100"])
+def test_matches_the_torch_backend(precision, mode, similarity, estimator, shape):
+    dtype, fp32_precision, (lse_tol, hist_tol, grad_tol), _ = MODES[mode]
+    precision(fp32_precision)
+    rows, dim, heads, bins = shape
+    features, dictionary = make_case(rows, dim, heads, bins, similarity, dtype=dtype)
+    tau, seed, row_offset = 0.5, 2024, 7
+    grad_histogram = torch.randn(heads, bins, device=DEVICE, dtype=torch.float64)
+    histogram, lse, grad = run_cuda(features, dictionary, similarity, estimator, tau, seed,
+                                    row_offset, grad_histogram)
+    expected_histogram, expected_lse = chunked.histogram_forward(
+        features, dictionary, similarity, estimator, tau, seed, row_offset)
+    expected_grad = chunked.histogram_backward(grad_histogram, features, dictionary,
+                                               expected_lse, similarity, estimator, tau, seed,
+                                               row_offset)
+    assert histogram.dtype == expected_histogram.dtype and grad.dtype == dtype
+    assert ((lse - expected_lse).abs() <= lse_tol * (1 + expected_lse.abs())).all()
+    if estimator == "gumbel_hard":
+        ties = near_ties(mode, features, dictionary, similarity, tau, seed, row_offset)
+        assert ties <= max(3, rows * heads // 20), f"{ties} near-tie rows: data too tied"
+        assert_same_counts(histogram, expected_histogram, rows, ties)
+    else:
+        assert (histogram - expected_histogram).abs().max() <= hist_tol
+    error = ((grad.double() - expected_grad.double()).abs().max()
+             / expected_grad.double().abs().max())
+    assert error <= grad_tol, error
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_float64_matches_the_reference(similarity, estimator):
+    features, dictionary = make_case(200, 40, 2, 300, similarity, seed=1, dtype=torch.float64)
+    grad_histogram = torch.randn(2, 300, device=DEVICE, dtype=torch.float64)
+    histogram, lse, grad = run_cuda(features, dictionary, similarity, estimator, 1.3, 5, 0,
+                                    grad_histogram)
+    expected_histogram, expected_lse = reference.histogram_forward(
+        features, dictionary, similarity, estimator, 1.3, 5, 0)
+    expected_grad = reference.histogram_backward(grad_histogram, features, dictionary,
+                                                 expected_lse, similarity, estimator, 1.3, 5, 0)
+    torch.testing.assert_close(histogram, expected_histogram, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-10 * expected_grad.abs().max(),
+                               rtol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["bfloat16", "tf32", "float32"])
+def test_same_hard_histogram_as_triton(precision, mode):
+    triton_status = fierce_ext.available_backends(DEVICE)["triton"]
+    if not triton_status.available:
+        pytest.skip(f"triton backend unavailable: {triton_status.reason}")
+    from fierce_ext.backends import fused_triton  # noqa: PLC0415
+
+    dtype, fp32_precision, _, _ = MODES[mode]
+    precision(fp32_precision)
+    for similarity in SIMILARITIES:
+        features, dictionary = make_case(1000, 96, 4, 130, similarity, seed=2, dtype=dtype)
+        ours, _ = cuda_backend.histogram_forward(features, dictionary, similarity, "gumbel_hard",
+                                                 1.0, 77, 0)
+        theirs, _ = fused_triton.histogram_forward(features, dictionary, similarity,
+                                                   "gumbel_hard", 1.0, 77, 0)
+        # Both round the operands; the tie bound of the coarser (the same mode) covers both.
+        ties = near_ties(mode, features, dictionary, similarity, 1.0, 77, 0)
+        assert_same_counts(ours, theirs, 1000, 2 * ties)
+
+
+def test_age_case_one_dimensional_distance(precision):
+    precision("ieee")
+    generator = torch.Generator().manual_seed(3)
+    ages = (torch.rand(256, 1, generator=generator) * 99 + 1).to(DEVICE)
+    dictionary = bin_dictionary(100, 1, 100, device=DEVICE)
+    for estimator in ESTIMATORS:
+        histogram, lse = cuda_backend.histogram_forward(ages, dictionary, "distance", estimator,
+                                                        1.0, 11, 0)
+        expected, expected_lse = chunked.histogram_forward(ages, dictionary, "distance",
+                                                           estimator, 1.0, 11, 0)
+        if estimator == "gumbel_hard":
+            assert_same_counts(histogram, expected, 256,
+                               near_ties("float32", ages, dictionary, "distance", 1.0, 11, 0))
+        else:
+            assert (histogram - expected).abs().max() <= 1e-6
+        assert ((lse - expected_lse).abs() <= 2e-5 * (1 + expected_lse.abs())).all()
+
+
+@pytest.mark.parametrize("estimator", ["gumbel_hard", "gumbel_soft"])
+def test_many_bins_and_many_heads(precision, estimator):
+    precision("ieee")
+    for rows, dim, heads, bins in [(257, 33, 2, 4096), (100, 17, 16, 20)]:
+        features, dictionary = make_case(rows, dim, heads, bins, "cosine", seed=4)
+        grad_histogram = torch.randn(heads, bins, device=DEVICE)
+        histogram, lse, grad = run_cuda(features, dictionary, "cosine", estimator, 0.3, 9, 0,
+                                        grad_histogram)
+        expected, expected_lse = chunked.histogram_forward(features, dictionary, "cosine",
+                                                           estimator, 0.3, 9, 0)
+        expected_grad = chunked.histogram_backward(grad_histogram, features, dictionary,
+                                                   expected_lse, "cosine", estimator, 0.3, 9, 0)
+        if estimator == "gumbel_hard":
+            assert_same_counts(histogram, expected, rows,
+                               near_ties("float32", features, dictionary, "cosine", 0.3, 9, 0))
+        else:
+            assert (histogram - expected).abs().max() <= 1e-6
+        assert ((grad - expected_grad).abs().max() / expected_grad.abs().max()) <= 2e-5
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_bitwise_deterministic(precision, mode, estimator):
+    dtype, fp32_precision, _, _ = MODES[mode]
+    precision(fp32_precision)
+    features, dictionary = make_case(3000, 130, 3, 200, "cosine", seed=5, dtype=dtype)
+    grad_histogram = torch.randn(3, 200, device=DEVICE, dtype=torch.float64)
+    first = run_cuda(features, dictionary, "cosine", estimator, 0.7, 13, 0, grad_histogram)
+    for _ in range(2):
+        again = run_cuda(features, dictionary, "cosine", estimator, 0.7, 13, 0, grad_histogram)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_row_offset_splits_the_batch(precision):
+    precision("ieee")
+    features, dictionary = make_case(500, 64, 2, 100, "dot", seed=6)
+    whole, _ = cuda_backend.histogram_forward(features, dictionary, "dot", "gumbel_hard", 1.0,
+                                              21, 0)
+    head, _ = cuda_backend.histogram_forward(features[:173], dictionary, "dot", "gumbel_hard",
+                                             1.0, 21, 0)
+    tail, _ = cuda_backend.histogram_forward(features[173:], dictionary, "dot", "gumbel_hard",
+                                             1.0, 21, 173)
+    torch.testing.assert_close((head * 173 + tail * 327).round(), (whole * 500).round(), atol=0,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_non_finite_rows_poison_the_histogram(estimator, poison):
+    features, dictionary = make_case(100, 20, 2, 150, "dot", seed=7)
+    features[42, 3] = float(poison)
+    histogram, lse = cuda_backend.histogram_forward(features, dictionary, "dot", estimator, 1.0,
+                                                    3, 0)
+    assert torch.isnan(histogram).all()
+    assert not torch.isfinite(lse[42]).any()
+    assert torch.isfinite(torch.cat([lse[:42], lse[43:]])).all()
+    grad = cuda_backend.histogram_backward(torch.randn(2, 150, device=DEVICE), features,
+                                           dictionary, lse, "dot", estimator, 1.0, 3, 0)
+    assert torch.isnan(grad[42]).all()
+    assert torch.isfinite(torch.cat([grad[:42], grad[43:]])).all()
+
+
+def test_precision_switch(precision):
+    features, dictionary = make_case(512, 512, 1, 100, "dot", seed=8)
+    exact, _ = reference.histogram_forward(features.double(), dictionary, "dot", "softmax", 0.2,
+                                           1, 0)
+    errors = {}
+    for value in cuda_backend.PRECISIONS:
+        precision(value)
+        histogram, _ = cuda_backend.histogram_forward(features, dictionary, "dot", "softmax", 0.2,
+                                                      1, 0)
+        errors[value] = (histogram.double() - exact).abs().max().item()
+    assert errors["ieee"] < 1e-5 and errors["ieee"] * 10 < errors["tf32"], errors
+    precision("fp8")
+    with pytest.raises(ValueError, match=cuda_backend.PRECISION_ENV):
+        cuda_backend.histogram_forward(features, dictionary, "dot", "softmax", 0.2, 1, 0)
+
+
+def test_public_api_autograd_and_compile(precision):
+    precision("ieee")
+    features, dictionary = make_case(256, 64, 2, 100, "cosine", seed=9)
+    weights = torch.randn(2, 100, device=DEVICE)  # a fixed upstream gradient for both backends
+    results = {}
+    for backend in ("cuda", "torch"):
+        r = features.clone().requires_grad_(True)
+        histogram = fierce_ext.histogram(r, dictionary, similarity="cosine", seed=5,
+                                         backend=backend)
+        (histogram * weights).sum().backward()
+        results[backend] = (histogram.detach(), r.grad)
+    assert_same_counts(results["cuda"][0], results["torch"][0], 256,
+                       near_ties("float32", features, dictionary, "cosine", 1.0, 5, 0))
+    scale = results["torch"][1].abs().max()
+    assert (results["cuda"][1] - results["torch"][1]).abs().max() <= 2e-5 * scale
+
+    compiled = torch.compile(lambda r: fierce_ext.histogram(r, dictionary, similarity="cosine",
+                                                            seed=5, backend="cuda"),
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(features), results["cuda"][0], atol=0, rtol=0)
+
+
+def test_opcheck_compiled_ops(precision):
+    features, dictionary = make_case(70, 20, 2, 150, "distance", seed=10)
+    vt, bias = cuda_backend.project(dictionary, "distance", features.dtype)
+    forward_args = (features, vt, bias, "distance", "gumbel_soft", 0.9, 4, 1, True)
+    torch.library.opcheck(torch.ops.fierce_ext.cuda_histogram_forward.default, forward_args)
+    histogram, lse = torch.ops.fierce_ext.cuda_histogram_forward(*forward_args)
+    backward_args = (torch.randn_like(histogram), features, vt, bias, lse, "distance",
+                     "gumbel_soft", 0.9, 4, 1, True)
+    torch.library.opcheck(torch.ops.fierce_ext.cuda_histogram_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_batch_against_the_torch_backend(precision, dtype):
+    # A shape with thousands of row tiles and several blocks per head (the partial histograms).
+    precision("tf32")
+    features, dictionary = make_case(40000, 256, 4, 256, "cosine", seed=11, dtype=dtype)
+    histogram, lse = cuda_backend.histogram_forward(features, dictionary, "cosine",
+                                                    "gumbel_hard", 1.0, 99, 0)
+    expected, expected_lse = chunked.histogram_forward(features, dictionary, "cosine",
+                                                       "gumbel_hard", 1.0, 99, 0)
+    mode = "tf32" if dtype == torch.float32 else "bfloat16"
+    ties = near_ties(mode, features, dictionary, "cosine", 1.0, 99, 0)
+    assert_same_counts(histogram, expected, 40000, ties)
+    assert torch.isfinite(lse).all()
+    assert ((lse - expected_lse).abs() <= MODES[mode][2][0] * (1 + expected_lse.abs())).all()

@@ -1,0 +1,416 @@
+"""The compiled CUDA extension without a GPU: its kernels' logic, its registration, its fakes.
+
+Two groups of tests:
+
+* `test_emulated_*`: the kernels of csrc/fierce_kernels.cu compiled by g++ for the CPU emulation
+  of csrc/emulation/ (each CUDA thread a fiber, real barriers and warp exchanges, WMMA tiles
+  computed with the same input roundings: float16/bfloat16 operands, tf32 rounding to nearest
+  with ties away), driven on small ragged shapes and compared with the torch backend in the same
+  dtype. They need only g++ and run in the main CI. They check the kernels' tiling, masks, noise
+  indexing, online log-sum-exp, partial histograms, NaN poisoning and the gradient's GEMM; not
+  the GPU's own accumulation order or memory-model bugs (tests/gpu/test_cuda_gpu.py does).
+* the others: the built extension `fierce_ext._C` (imports, op schemas, fake implementations,
+  the backend's reason for being unavailable without a GPU). They need a CUDA build of torch and
+  the installed extension: .ci/check_cuda_build.sh builds it in a second venv and runs them with
+  FIERCE_EXT_REQUIRE_EXTENSION=1, which turns "not built" into a failure. Elsewhere (the CPU
+  torch of the main CI, where setup.py skips the extension) they are skipped with that reason.
+
+Tolerances of the emulated comparisons (kernel vs torch backend, same rounded inputs): float64
+to 1e-12; float32 (exact FMAs) to a few float32 ulps of the logits (the sums run in another
+order); tf32/float16/bfloat16 to the operand rounding (2^-11, 2^-11, 2^-8 relative per product,
+observed errors are 5-10x below the bounds used). Hard histograms must be identical except for
+rows whose float64 top-2 logit margin is below the mode's tie tolerance (each such row may move
+one count between two bins); the data are checked to hold few such rows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+import fierce_ext
+from fierce_ext.backends import chunked
+from fierce_ext.backends import cuda as cuda_backend
+from fierce_ext.noise import gumbel_noise, random_words
+
+REQUIRE_ENV = "FIERCE_EXT_REQUIRE_EXTENSION"
+CSRC_ENV = "FIERCE_EXT_CSRC"
+SIMILARITIES = ("dot", "cosine", "distance")
+ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
+FORWARD_SCHEMA = ("fierce_ext::cuda_histogram_forward(Tensor features, Tensor vt, Tensor? bias, "
+                  "str similarity, str estimator, float tau, int seed, int row_offset, "
+                  "bool allow_tf32) -> (Tensor, Tensor)")
+BACKWARD_SCHEMA = ("fierce_ext::cuda_histogram_backward(Tensor grad_histogram, Tensor features, "
+                   "Tensor vt, Tensor? bias, Tensor lse, str similarity, str estimator, "
+                   "float tau, int seed, int row_offset, bool allow_tf32) -> Tensor")
+
+
+# ============================================================== the built extension (_C)
+
+def _extension():
+    if importlib.util.find_spec("fierce_ext._C") is None:
+        message = ("fierce_ext._C is not built here (setup.py skips it without a CUDA torch and "
+                   "nvcc); .ci/check_cuda_build.sh builds it and runs these tests")
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ENV}=1 but {message}")
+        pytest.skip(message)
+    import fierce_ext._C as extension  # noqa: PLC0415  (loading it registers the ops)
+    return extension
+
+
+def test_extension_imports_and_registers_its_ops():
+    extension = _extension()
+    assert extension.__name__ == "fierce_ext._C"
+    assert str(torch.ops.fierce_ext.cuda_histogram_forward.default._schema) == FORWARD_SCHEMA
+    assert str(torch.ops.fierce_ext.cuda_histogram_backward.default._schema) == BACKWARD_SCHEMA
+    # The ops name the module holding their fakes, so torch can import it on demand.
+    for name in ("cuda_histogram_forward", "cuda_histogram_backward"):
+        stub = torch._C._dispatch_pystub(f"fierce_ext::{name}", "")
+        assert stub is not None and stub[0] == "fierce_ext.backends.cuda", stub
+
+
+def test_cuda_backend_says_why_it_cannot_run():
+    _extension()
+    assert "CUDA devices only" in cuda_backend.unavailable_reason(torch.device("cpu"))
+    reason = cuda_backend.unavailable_reason(torch.device("cuda"))
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+        assert reason is None
+    elif not torch.cuda.is_available():
+        assert "no usable CUDA device" in reason
+    status = fierce_ext.available_backends("cuda")["cuda"]
+    assert status.available == (reason is None) and (status.reason == reason or reason is None)
+
+
+def test_compiled_ops_reject_cpu_tensors_clearly():
+    _extension()
+    features, vt = torch.randn(5, 3), torch.randn(2, 4, 3)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.fierce_ext.cuda_histogram_forward(features, vt, None, "dot", "gumbel_hard",
+                                                    1.0, 0, 0, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_fake_implementations_give_shapes_and_dtypes(dtype):
+    _extension()
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    with FakeTensorMode():
+        features = torch.empty(37, 11, dtype=dtype)
+        vt = torch.empty(3, 130, 11, dtype=dtype)
+        bias = torch.empty(3, 130, dtype=compute)
+        histogram, lse = torch.ops.fierce_ext.cuda_histogram_forward(
+            features, vt, bias, "distance", "gumbel_soft", 0.5, 7, 2, True)
+        grad = torch.ops.fierce_ext.cuda_histogram_backward(
+            histogram, features.t().contiguous().t(), vt, bias, lse, "distance", "gumbel_soft",
+            0.5, 7, 2, True)
+    assert (histogram.shape, histogram.dtype) == ((3, 130), compute)
+    assert (lse.shape, lse.dtype) == ((37, 3), compute)
+    assert (grad.shape, grad.dtype) == ((37, 11), dtype)
+    assert grad.is_contiguous()  # the kernel writes a contiguous gradient whatever the input
+
+
+def test_fake_implementations_trace_into_a_graph():
+    _extension()
+    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
+
+    def step(features, vt, grad_histogram):
+        histogram, lse = torch.ops.fierce_ext.cuda_histogram_forward(
+            features, vt, None, "cosine", "gumbel_hard", 1.0, 3, 0, False)
+        return histogram, torch.ops.fierce_ext.cuda_histogram_backward(
+            grad_histogram, features, vt, None, lse, "cosine", "gumbel_hard", 1.0, 3, 0, False)
+
+    graph = make_fx(step, tracing_mode="fake")(torch.randn(8, 5), torch.randn(2, 6, 5),
+                                               torch.randn(2, 6))
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert {"fierce_ext.cuda_histogram_forward.default",
+            "fierce_ext.cuda_histogram_backward.default"} <= targets
+
+
+# ============================================================== the kernels, emulated on the CPU
+
+# GemmMode of csrc/fierce.h and the tolerances of the module docstring:
+#   (lse: |d| <= tol (1 + |lse|), soft histogram atol, gradient tol relative to max |grad|)
+MODES = {
+    "float16": (0, torch.float16, False, (1e-2, 2e-4, 1e-2)),
+    "bfloat16": (1, torch.bfloat16, False, (6e-2, 2e-3, 4e-2)),
+    "tf32": (2, torch.float32, True, (1e-2, 2e-4, 1e-2)),
+    "float32": (3, torch.float32, False, (2e-5, 1e-6, 2e-5)),
+    "float64": (4, torch.float64, False, (1e-12, 1e-12, 1e-10)),
+}
+ESTIMATOR_IDS = {"gumbel_hard": 0, "gumbel_soft": 1, "softmax": 2}
+TILE_ROWS, TILE_DIM = 32, 128  # kTileRows / kTileDim of csrc/fierce.h (workspace shapes)
+
+
+def _csrc() -> pathlib.Path:
+    candidates = [os.environ.get(CSRC_ENV), pathlib.Path(__file__).resolve().parents[1] / "csrc"]
+    for candidate in candidates:
+        if candidate and (pathlib.Path(candidate) / "emulation" / "emulated_ops.cpp").is_file():
+            return pathlib.Path(candidate)
+    pytest.fail(f"csrc/ not found next to {__file__}; set {CSRC_ENV} to the sources")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """The emulated kernels as a ctypes library, built once per source version."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler (g++) to build the CPU emulation of the CUDA kernels")
+    csrc = _csrc()
+    sources = sorted([*csrc.glob("*.cu"), *csrc.glob("*.cuh"), *csrc.glob("*.h"),
+                      *(csrc / "emulation").glob("*")])
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode() + path.read_bytes())
+    library = pathlib.Path(tempfile.gettempdir()) / f"fierce_emu_{digest.hexdigest()[:16]}.so"
+    if not library.exists():
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        command = [compiler, "-std=c++20", "-O2", "-DFIERCE_EMULATE", "-shared", "-fPIC",
+                   "-Wall", "-Wno-unknown-pragmas", str(csrc / "emulation" / "emulated_ops.cpp"),
+                   "-o", str(partial)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.fail(f"building the emulation failed:\n{' '.join(command)}\n{result.stderr}")
+        os.replace(partial, library)
+    lib = ctypes.CDLL(str(library))
+    p, i, i64, f64, u64 = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double,
+                           ctypes.c_uint64)
+    lib.fierce_emu_forward.argtypes = [i, p, p, p, p, p, p, p, i64, i, i, i, i, i, i, f64, u64, u64]
+    lib.fierce_emu_backward.argtypes = [i, p, p, p, p, p, p, p, p, i64, i, i, i, i, i, f64, u64,
+                                        u64]
+    lib.fierce_emu_philox.argtypes = [u64, u64, p]
+    return lib
+
+
+def _ptr(tensor):
+    return None if tensor is None else ctypes.c_void_p(tensor.data_ptr())
+
+
+def emulated_forward(lib, mode, features, dictionary, similarity, estimator, tau, seed,
+                     row_offset, groups=2):
+    """The kernels' (histogram, lse), with workspaces full of garbage (the kernels must not
+    assume zeros)."""
+    mode_id, dtype, _, _ = MODES[mode]
+    features = features.to(dtype).contiguous()
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    vt, bias = cuda_backend.project(dictionary, similarity, dtype)
+    rows, dim = features.shape
+    heads, bins, _ = vt.shape
+    groups = max(1, min(groups, -(-rows // TILE_ROWS)))
+    histogram = torch.full((heads, bins), 123.0, dtype=compute)
+    lse = torch.full((rows, heads), 77.0, dtype=compute)
+    partial_dtype = torch.int32 if estimator == "gumbel_hard" else compute
+    partials = torch.full((groups, heads, bins), 999, dtype=partial_dtype)
+    flags = torch.full((groups, heads), 5, dtype=torch.int32)
+    error = lib.fierce_emu_forward(
+        mode_id, _ptr(features), _ptr(vt), _ptr(bias), _ptr(histogram), _ptr(lse),
+        _ptr(partials), _ptr(flags), rows, dim, heads, bins, groups,
+        int(similarity == "cosine"), ESTIMATOR_IDS[estimator], tau, seed, row_offset)
+    assert error == 0, f"emulated forward launch failed ({error})"
+    return histogram, lse
+
+
+def emulated_backward(lib, mode, grad_histogram, features, dictionary, lse, similarity,
+                      estimator, tau, seed, row_offset):
+    mode_id, dtype, _, _ = MODES[mode]
+    features = features.to(dtype).contiguous()
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    vt, bias = cuda_backend.project(dictionary, similarity, dtype)
+    rows, dim = features.shape
+    heads, bins, _ = vt.shape
+    nan = float("nan")
+    expected = torch.full((rows, heads), nan, dtype=compute) if bins > 128 else None
+    accumulator = torch.full((-(-rows // TILE_ROWS) * TILE_ROWS, -(-dim // TILE_DIM) * TILE_DIM),
+                             nan, dtype=compute)
+    grad = torch.full((rows, dim), nan, dtype=dtype)
+    error = lib.fierce_emu_backward(
+        mode_id, _ptr(grad_histogram.to(compute).contiguous()), _ptr(features), _ptr(vt),
+        _ptr(bias), _ptr(lse.contiguous()), _ptr(expected), _ptr(accumulator), _ptr(grad), rows,
+        dim, heads, bins, int(similarity == "cosine"), ESTIMATOR_IDS[estimator], tau, seed,
+        row_offset)
+    assert error == 0, f"emulated backward launch failed ({error})"
+    return grad
+
+
+def _kernel_inputs(mode, features, dictionary, similarity):
+    """Features and projected dictionary as the kernel multiplies them, in float64."""
+    _, dtype, tf32, _ = MODES[mode]
+    r = features.to(dtype).double()
+    vt, bias = cuda_backend.project(dictionary, similarity, dtype)
+    v = vt.double()
+    if tf32:  # round to 10 mantissa bits, nearest with ties away (cvt.rna.tf32.f32)
+        def rna(x):
+            bits = x.float().view(torch.int32)
+            return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).double()
+        r, v = rna(r), rna(v)
+    return r, v, (None if bias is None else bias.double())
+
+
+def _near_ties(mode, features, dictionary, similarity, estimator, tau, seed, row_offset):
+    """Rows (b, h) whose float64 top-2 logit margin is below twice a bound on the logit error:
+    u (a_b max_k sum_d |r_d| |v_kd|) / tau for the operand rounding u of the mode, plus a few
+    compute-dtype ulps of the logit."""
+    r, v, bias = _kernel_inputs(mode, features, dictionary, similarity)
+    dtype = MODES[mode][1]
+    eps = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    operand = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "tf32": 2.0**-10}.get(mode, 0.0)
+    u = operand + (r.shape[1] + 2) * eps
+    scale = torch.ones(r.shape[0], dtype=torch.float64)
+    if similarity == "cosine":
+        scale = 1 / r.norm(dim=1).clamp_min(1e-12)
+    s = torch.einsum("bd,hkd->bhk", r, v) * scale[:, None, None]
+    magnitude = torch.einsum("bd,hkd->bhk", r.abs(), v.abs()) * scale[:, None, None]
+    if bias is not None:
+        s = s + bias
+        magnitude = magnitude + bias.abs()
+    rows, heads, bins = s.shape
+    if bins == 1:
+        return 0
+    z = (s + gumbel_noise(seed, rows, heads, bins, row_offset, dtype=torch.float64)) / tau
+    top = z.topk(2, dim=-1).values
+    error = u * magnitude.amax(dim=-1) / tau + 8 * eps * (1 + top[..., 0].abs())
+    return int(((top[..., 0] - top[..., 1]) < 2 * error).sum())
+
+
+def _case(similarity, seed=0):
+    """Small ragged shapes that reach every path: several bin tiles (K > 128: the second soft
+    sweep and the expected-value kernel), a single bin tile, D = 1, several row tiles/heads."""
+    generator = torch.Generator().manual_seed(seed)
+    if similarity == "dot":
+        rows, dim, heads, bins = 40, 24, 2, 150
+        scale = 0.3
+    elif similarity == "cosine":
+        rows, dim, heads, bins = 33, 20, 3, 100
+        scale = 1.0
+    else:  # the age case: one-dimensional features, distance to bin centres
+        rows, dim, heads, bins = 70, 1, 1, 130
+        scale = 0.05
+    features = torch.randn(rows, dim, generator=generator, dtype=torch.float64) * scale
+    dictionary = (torch.rand(heads, dim, bins, generator=generator, dtype=torch.float64) * 2 - 1)
+    if similarity == "distance":
+        features, dictionary = features * 20, dictionary * 1.0
+    return features, dictionary
+
+
+def test_emulated_philox_words_match_the_noise_rule(emu):
+    seed, row_offset, heads, bins = 0x0123456789ABCDEF, 5, 2, 9
+    words = random_words(seed, 3, heads, bins, row_offset)
+    out = (ctypes.c_uint32 * 4)()
+    quads = -(-bins // 4)
+    for b in range(3):
+        for h in range(heads):
+            for q in range(quads):
+                emu.fierce_emu_philox(((row_offset + b) * heads + h) * quads + q, seed, out)
+                for w in range(4):
+                    if 4 * q + w < bins:
+                        assert int(words[b, h, 4 * q + w]) == out[w], (b, h, q, w)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_emulated_kernels_match_the_torch_backend(emu, mode, similarity, estimator):
+    _, dtype, _, (lse_tol, hist_tol, grad_tol) = MODES[mode]
+    features, dictionary = _case(similarity)
+    features = features.to(dtype)  # both sides see the same rounded features
+    tau, seed, row_offset = 0.7, 1234, 3
+    histogram, lse = emulated_forward(emu, mode, features, dictionary, similarity, estimator,
+                                      tau, seed, row_offset)
+    expected_histogram, expected_lse = chunked.histogram_forward(
+        features, dictionary, similarity, estimator, tau, seed, row_offset)
+    rows = features.shape[0]
+    assert histogram.dtype == expected_histogram.dtype and lse.dtype == expected_lse.dtype
+    assert torch.isfinite(histogram).all() and torch.isfinite(lse).all()
+    assert ((lse - expected_lse).abs() <= lse_tol * (1 + expected_lse.abs())).all(), \
+        (lse - expected_lse).abs().max()
+    if estimator == "gumbel_hard":
+        counts = (histogram.double() * rows).round()
+        assert (counts - histogram.double() * rows).abs().max() < 1e-3  # whole counts
+        moved = (counts - (expected_histogram.double() * rows).round()).abs().sum() / 2
+        ties = _near_ties(mode, features, dictionary, similarity, estimator, tau, seed,
+                          row_offset)
+        assert ties <= max(2, rows * dictionary.shape[0] // 20), "test data too close to ties"
+        assert moved <= ties, (moved, ties)
+    else:
+        assert (histogram - expected_histogram).abs().max() <= hist_tol
+    torch.testing.assert_close(histogram.sum(dim=1).double(),
+                               torch.ones(histogram.shape[0], dtype=torch.float64),
+                               atol=1e-5 if dtype != torch.float64 else 1e-12, rtol=0)
+
+    grad_histogram = torch.randn(histogram.shape, generator=torch.Generator().manual_seed(1),
+                                 dtype=torch.float64).to(histogram.dtype)
+    grad = emulated_backward(emu, mode, grad_histogram, features, dictionary, lse, similarity,
+                             estimator, tau, seed, row_offset)
+    expected_grad = chunked.histogram_backward(grad_histogram, features, dictionary,
+                                               expected_lse, similarity, estimator, tau, seed,
+                                               row_offset)
+    assert grad.dtype == features.dtype and torch.isfinite(grad).all()
+    scale = expected_grad.double().abs().max()
+    assert scale > 0
+    error = (grad.double() - expected_grad.double()).abs().max() / scale
+    assert error <= grad_tol, error
+
+
+@pytest.mark.parametrize("estimator", ["gumbel_hard", "gumbel_soft"])
+def test_emulated_row_groups_only_reorder_sums(emu, estimator):
+    # One block per head walking every row tile, or several: the same counts, the same soft sums
+    # up to rounding.
+    features, dictionary = _case("dot", seed=3)
+    features = torch.cat([features, features[:30] * 0.5])  # 70 rows: 3 row tiles
+    results = [emulated_forward(emu, "float32", features, dictionary, "dot", estimator, 1.0, 99,
+                                0, groups=groups)[0] for groups in (1, 2, 3)]
+    for other in results[1:]:
+        if estimator == "gumbel_hard":
+            assert torch.equal(results[0], other)
+        else:
+            torch.testing.assert_close(other, results[0], atol=1e-6, rtol=0)
+
+
+def test_emulated_many_bins_single_head(emu):
+    # K = 600: five bin tiles, the last one partial.
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(35, 6, generator=generator, dtype=torch.float64)
+    dictionary = torch.rand(1, 6, 600, generator=generator, dtype=torch.float64) * 2 - 1
+    for estimator in ("gumbel_hard", "softmax"):
+        histogram, lse = emulated_forward(emu, "float64", features, dictionary, "cosine",
+                                          estimator, 0.25, 7, 11)
+        expected_histogram, expected_lse = chunked.histogram_forward(
+            features, dictionary, "cosine", estimator, 0.25, 7, 11)
+        torch.testing.assert_close(lse, expected_lse, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(histogram, expected_histogram, atol=1e-12, rtol=0)
+        grad_histogram = torch.randn(1, 600, generator=generator, dtype=torch.float64)
+        grad = emulated_backward(emu, "float64", grad_histogram, features, dictionary, lse,
+                                 "cosine", estimator, 0.25, 7, 11)
+        expected = chunked.histogram_backward(grad_histogram, features, dictionary,
+                                              expected_lse, "cosine", estimator, 0.25, 7, 11)
+        torch.testing.assert_close(grad, expected, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_emulated_non_finite_rows_poison_like_the_torch_backend(emu, estimator, poison):
+    features, dictionary = _case("dot", seed=4)
+    features[7, 3] = float(poison)
+    histogram, lse = emulated_forward(emu, "float32", features, dictionary, "dot", estimator,
+                                      1.0, 5, 0)
+    expected_histogram, expected_lse = chunked.histogram_forward(
+        features.float(), dictionary, "dot", estimator, 1.0, 5, 0)
+    # The rule: a row without finite logits makes the whole histogram NaN, in every estimator.
+    assert torch.isnan(expected_histogram).all()
+    assert torch.isnan(histogram).all()
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(expected_lse))
+    assert not torch.isfinite(lse[7]).any() and torch.isfinite(lse[:7]).all()
+    grad = emulated_backward(emu, "float32", torch.randn(histogram.shape), features, dictionary,
+                             lse, "dot", estimator, 1.0, 5, 0)
+    assert torch.isnan(grad[7]).all()
+    others = torch.cat([grad[:7], grad[8:]])
+    assert torch.isfinite(others).all()  # only the poisoned row's gradient is NaN
