@@ -28,9 +28,10 @@ def _similarity(r, w, similarity):
         r_norm = r.norm(dim=1).clamp_min(NORM_EPS)
         w_norm = w.norm(dim=1).clamp_min(NORM_EPS)
         return torch.einsum("bd,hdk->bhk", r, w) / (r_norm[:, None, None] * w_norm[None])
-    if similarity == "distance":
-        diff = r[:, None, :, None] - w[None]  # (B, C, D, K)
-        return -(diff * diff).sum(dim=2)
+    if similarity == "distance":  # -|r - w|^2 expanded, so no (B, C, D, K) tensor is formed
+        r_sq = (r * r).sum(dim=1)[:, None, None]
+        w_sq = (w * w).sum(dim=1)[None]
+        return -(r_sq - 2 * torch.einsum("bd,hdk->bhk", r, w) + w_sq)
     raise ValueError(f"unknown similarity {similarity!r}")
 
 

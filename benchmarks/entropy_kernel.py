@@ -1,0 +1,574 @@
+"""Benchmark of the FIERCE feature entropy: the paper's PyTorch formulation against fierce_ext.
+
+    python benchmarks/entropy_kernel.py                     # defaults for the device present
+    python benchmarks/entropy_kernel.py --shapes mid,large --dtypes fp32,bf16
+    python benchmarks/entropy_kernel.py --quick             # seconds: a smoke run (CI)
+
+Measured per shape, dtype and backend (cosine similarity, the paper's gumbel_hard estimator):
+forward, backward and forward+backward time, peak extra memory of a forward+backward, the
+achieved TFLOP/s counted against the three-GEMM floor (3 * 2*B*D*C*K flops: forward,
+recompute, gradient) and the time over that floor, where the floor is 3x one measured GEMM
+(B, D) x (D, C*K) (on CUDA in tf32 for fp32 inputs and in bf16 for bf16 inputs).
+
+Backends: "paper" (benchmarks/paper_baseline.py, eager), "paper-compiled" (its torch.compile;
+always on CUDA, with --compile on CPU where compiling is slow), and every fierce_ext backend
+that fierce_ext.available_backends(device) reports available.
+
+How it is measured:
+* CUDA: triton.testing.do_bench medians (it flushes the L2 between runs). Backward alone:
+  do_bench of backward(retain_graph=True) on one forward's graph. Memory:
+  torch.cuda.max_memory_allocated() during one forward+backward minus the memory allocated
+  before it (inputs and dictionary excluded, the feature gradient included).
+* CPU: the median of repeated time.perf_counter() measurements after a warm-up (backward alone:
+  a fresh untimed forward before each timed backward). Memory: tracemalloc does not see torch's
+  allocations, so each (shape, dtype) is measured in a fresh subprocess: per backend one warm-up
+  forward+backward, then the kernel's peak-RSS mark is reset (/proc/self/clear_refs) and one
+  forward+backward runs; extra = peak RSS (VmHWM) minus RSS before it. glibc is told to mmap
+  every allocation >= 64 KiB and to trim at once, so freed tensors leave the RSS and the mark
+  sees only what is live at the same time. Linux only; elsewhere the column stays empty.
+
+Outputs: a printed markdown table and, under benchmarks/results/ (a temporary folder for
+--quick unless --out is given), <device>-<date>.json / .md / .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _path in (str(ROOT), str(HERE)):  # fierce_ext from the source tree, paper_baseline beside us
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import torch  # noqa: E402
+
+import fierce_ext  # noqa: E402
+from paper_baseline import paper_entropy  # noqa: E402
+
+# (B, D, C, K). The named shapes of DESIGN.md, plus reduced ones for CPUs and smoke runs.
+SHAPES = {
+    "few-shot": (256, 640, 1, 100),
+    "hyperspectral": (200, 100, 1, 100),
+    "mid": (8192, 2048, 8, 256),
+    "large": (65536, 1024, 4, 256),
+    "xl": (262144, 512, 8, 512),
+    "mid-cpu": (1024, 2048, 8, 256),  # "mid" with an eighth of the batch: a CPU minute
+    "tiny": (64, 32, 2, 16),  # --quick
+}
+DEFAULT_SHAPES = {"cpu": ["few-shot", "hyperspectral", "mid-cpu"],
+                  "cuda": ["few-shot", "hyperspectral", "mid", "large", "xl"]}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_DTYPES = {"cpu": ["fp32"], "cuda": ["fp32", "bf16"]}
+
+# B x C x K tensors alive at the peak of one forward+backward, per materialising backend, for
+# the skip rule (x B*C*K * element size). Measured with this script's CPU memory column at
+# B, D, C, K = 1024, 256, 8, 256, cosine: paper 8.2 and reference 7.5 fp32 tensors' worth,
+# rounded up. With "distance" they also hold B x C x D x K differences: 4 (paper) and 2
+# (reference) such tensors at their peak, measured the same way.
+MATERIALISED = {"paper": 10, "paper-compiled": 10, "reference": 10}
+MATERIALISED_DISTANCE = {"paper": 4, "paper-compiled": 4, "reference": 2}
+MiB = 2**20
+
+
+# ----------------------------------------------------------------------------------- cases
+
+def make_inputs(shape, dtype, device, requires_grad=True):
+    batch, dim, heads, bins = shape
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(batch, dim, generator=gen).to(device=device, dtype=dtype)
+    dictionary = fierce_ext.uniform_dictionary(dim, bins, heads, seed=0).to(device, dtype)
+    return features.requires_grad_(requires_grad), dictionary
+
+
+def make_fn(backend, dictionary, similarity, estimator):
+    """A closure features -> entropy (0-d) for one backend."""
+    if backend == "paper":
+        return lambda f: paper_entropy(f, dictionary, similarity)
+    if backend == "paper-compiled":
+        torch._dynamo.reset()  # a fresh cache per case: never hit the recompile limit
+        compiled = torch.compile(paper_entropy, dynamic=False)
+        return lambda f: compiled(f, dictionary, similarity)
+    return lambda f: fierce_ext.entropy(f, dictionary, similarity=similarity,
+                                        estimator=estimator, seed=0, backend=backend)
+
+
+def backends_for(device, compile_on_cpu):
+    names, notes = ["paper"], {}
+    if device.type == "cuda" or compile_on_cpu:
+        names.append("paper-compiled")
+    else:
+        notes["paper-compiled"] = "CPU: only with --compile (compiling takes minutes)"
+    for name, status in fierce_ext.available_backends(device).items():
+        if not status.available:
+            notes[name] = status.reason
+        elif name == "triton" and device.type == "cpu":
+            notes[name] = "Triton interpreter on CPU: timings would be meaningless"
+        else:
+            names.append(name)
+    return names, notes
+
+
+def memory_need(backend, shape, dtype, similarity):
+    """Bytes a materialising backend holds at its peak (0 for the chunked/fused ones)."""
+    batch, dim, heads, bins = shape
+    factor = MATERIALISED.get(backend, 0)
+    size = max(torch.finfo(dtype).bits // 8, 4)  # the reference computes in fp32 at least
+    need = factor * batch * heads * bins * size
+    if similarity == "distance":
+        need += MATERIALISED_DISTANCE.get(backend, 0) * batch * heads * dim * bins * size
+    return need
+
+
+def skip_reason(backend, shape, dtype, similarity, device):
+    """Why a materialising backend cannot run this shape here, or None."""
+    need, available = memory_need(backend, shape, dtype, similarity), memory_available(device)
+    if available is not None and need > 0.8 * available:
+        return (f"needs ~{need / 2**30:.1f} GiB of materialised B x C x K tensors, "
+                f"{available / 2**30:.1f} GiB available")
+    return None
+
+
+def memory_available(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------------- timing
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_median_ms(fn, setup=None, min_reps=3, max_reps=50, min_time=0.5, record=None):
+    """Median ms of fn() over at least min_reps runs and min_time seconds (setup untimed);
+    all the times are appended to `record` when given."""
+    times, start = [], time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_time
+                                    and len(times) < max_reps):
+        args = setup() if setup else ()
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - t0) * 1e3)
+    if record is not None:
+        record.extend(times)
+    return statistics.median(times)
+
+
+def cuda_median_ms(fn, grad_to_none=None):
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def time_case(fn, features, device, quick, record=None):
+    """(forward ms, backward ms, forward+backward ms); on CPU the fwd+bwd repeats go to
+    `record` (a shared machine's load shows as their spread)."""
+    def forward():
+        return fn(features)
+
+    def forward_backward():
+        fn(features).backward()
+        features.grad = None
+
+    forward_backward()  # warm-up: compilation, autotuning, lazy initialisation
+    forward_backward()
+    _sync(device)
+    if device.type == "cuda":
+        fwd = cuda_median_ms(forward)
+        fwdbwd = cuda_median_ms(forward_backward, grad_to_none=[features])
+        try:
+            out = fn(features)
+            bwd = cuda_median_ms(lambda: out.backward(retain_graph=True),
+                                 grad_to_none=[features])
+        except RuntimeError:  # a graph that cannot be replayed: time each backward alone
+            bwd = _cuda_event_backward_ms(fn, features)
+        features.grad = None
+        return fwd, bwd, fwdbwd
+    kwargs = dict(min_reps=1, max_reps=2, min_time=0.0) if quick else {}
+    fwd = cpu_median_ms(forward, **kwargs)
+    bwd = cpu_median_ms(lambda out: out.backward(), setup=lambda: (fn(features),), **kwargs)
+    features.grad = None
+    fwdbwd = cpu_median_ms(forward_backward, record=record, **kwargs)
+    return fwd, bwd, fwdbwd
+
+
+def _cuda_event_backward_ms(fn, features, reps=20):
+    times = []
+    for _ in range(reps):
+        out = fn(features)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out.backward()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+        features.grad = None
+    return statistics.median(times)
+
+
+def gemm_ms(shape, dtype, device, quick):
+    """One (B, D) x (D, C*K) GEMM: the floor's unit. CUDA: tf32 for fp32, else the dtype."""
+    batch, dim, heads, bins = shape
+    a = torch.randn(batch, dim, device=device).to(dtype)
+    b = torch.randn(dim, heads * bins, device=device).to(dtype)
+    if device.type == "cuda":
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
+        try:
+            return cuda_median_ms(lambda: a @ b)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    a @ b
+    kwargs = dict(min_reps=1, max_reps=2, min_time=0.0) if quick else {}
+    return cpu_median_ms(lambda: a @ b, **kwargs)
+
+
+# --------------------------------------------------------------------------------- memory
+
+def cuda_extra_mib(fn, features, device):
+    features.grad = None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn(features).backward()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    features.grad = None
+    return (peak - before) / MiB
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_memory_worker(spec):
+    """Runs in a fresh subprocess: peak extra RSS (MiB) of one forward+backward per backend."""
+    torch.set_num_threads(spec["threads"])
+    shape, dtype = tuple(spec["shape"]), DTYPES[spec["dtype"]]
+    features, dictionary = make_inputs(shape, dtype, torch.device("cpu"))
+    out = {}
+    for backend in spec["backends"]:
+        fn = make_fn(backend, dictionary, spec["similarity"], spec["estimator"])
+        fn(features).backward()  # warm-up: lazy initialisation is not the kernel's memory
+        features.grad = None
+        before = _rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+        fn(features).backward()
+        # RSS moves by whole pages and the allocator's bookkeeping: a tiny negative delta
+        # is noise, reported as 0.
+        out[backend] = max(0.0, (_rss_kib("VmHWM") - before) / 1024)
+        features.grad = None
+    return out
+
+
+def cpu_memory(shape, dtype_name, backends, args):
+    if not (sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")):
+        return {}, "needs Linux /proc/self/clear_refs"
+    spec = dict(shape=list(shape), dtype=dtype_name, backends=backends, threads=args.threads,
+                similarity=args.similarity, estimator=args.estimator)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                        os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_memory-worker",
+                          json.dumps(spec)], capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        return {}, f"memory worker failed: {run.stderr.strip().splitlines()[-1:]}"
+    return json.loads(run.stdout.strip().splitlines()[-1]), None
+
+
+# ------------------------------------------------------------------------------------ run
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _release(device):
+    # Return cached blocks, so the next case's free-memory check and peak start clean.
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def device_tag(device):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+    return "cpu"
+
+
+def run(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    shape_names = (["tiny"] if args.quick else DEFAULT_SHAPES[device.type]) \
+        if not args.shapes else args.shapes.split(",")
+    dtype_names = args.dtypes.split(",") if args.dtypes else DEFAULT_DTYPES[device.type]
+    for name in shape_names:
+        if name not in SHAPES:
+            sys.exit(f"--shapes: unknown shape {name!r}; known: {', '.join(SHAPES)}")
+    for name in dtype_names:
+        if name not in DTYPES:
+            sys.exit(f"--dtypes: unknown dtype {name!r}; known: {', '.join(DTYPES)}")
+    backends, notes = backends_for(device, args.compile)
+    if args.backends:
+        wanted = args.backends.split(",")
+        backends = [b for b in backends if b in wanted]
+    for name, why in notes.items():
+        print(f"not measured: {name}: {why}")
+
+    from tqdm import tqdm
+
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    rows, floors = [], {}
+    cases = [(s, d, b) for s in shape_names for d in dtype_names for b in backends]
+    bar = tqdm(cases, desc="benchmark", unit="case")
+    memory = {}
+    for shape_name, dtype_name, backend in bar:
+        bar.set_postfix_str(f"{shape_name} {dtype_name} {backend}")
+        shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
+        batch, dim, heads, bins = shape
+        row = dict(shape=shape_name, B=batch, D=dim, C=heads, K=bins, dtype=dtype_name,
+                   backend=backend)
+        key = (shape_name, dtype_name)
+        if key not in floors:
+            floors[key] = gemm_ms(shape, dtype, device, args.quick)
+            _release(device)
+        skip = skip_reason(backend, shape, dtype, args.similarity, device)
+        if skip:
+            row["skipped"] = skip
+            tqdm.write(f"skip {shape_name} {dtype_name} {backend}: {row['skipped']}")
+            rows.append(row)
+            continue
+        features, dictionary = make_inputs(shape, dtype, device)
+        fn = make_fn(backend, dictionary, args.similarity, args.estimator)
+        try:
+            repeats = []
+            fwd, bwd, fwdbwd = time_case(fn, features, device, args.quick, repeats)
+            if repeats:
+                row["fwdbwd_min_ms"], row["fwdbwd_repeats"] = min(repeats), len(repeats)
+            if device.type == "cuda":
+                row["extra_mib"] = cuda_extra_mib(fn, features, device)
+        except Exception as error:  # report and continue: one broken backend is a result
+            row["skipped"] = f"failed: {type(error).__name__}: {error}"[:300]
+            tqdm.write(f"FAILED {shape_name} {dtype_name} {backend}: {row['skipped']}")
+            rows.append(row)
+            features = dictionary = fn = None  # drop the references before releasing memory
+            _release(device)
+            continue
+        flops = 3 * 2 * batch * dim * heads * bins
+        row.update(fwd_ms=fwd, bwd_ms=bwd, fwdbwd_ms=fwdbwd, gemm_ms=floors[key],
+                   floor_ms=3 * floors[key], tflops=flops / (fwdbwd * 1e-3) / 1e12,
+                   x_floor=fwdbwd / (3 * floors[key]))
+        if device.type != "cuda":
+            if key not in memory:
+                measured = [b for b in backends
+                            if not skip_reason(b, shape, dtype, args.similarity, device)]
+                memory[key] = cpu_memory(shape, dtype_name, measured, args)
+            values, why = memory[key]
+            row["extra_mib"] = values.get(backend)
+            if why:
+                row["memory_note"] = why
+        del features, dictionary, fn
+        _release(device)
+        rows.append(row)
+    bar.close()
+
+    paper = {(r["shape"], r["dtype"]): r.get("fwdbwd_ms") for r in rows
+             if r["backend"] == "paper"}
+    for row in rows:
+        base = paper.get((row["shape"], row["dtype"]))
+        if base and row.get("fwdbwd_ms"):
+            row["speedup_vs_paper"] = base / row["fwdbwd_ms"]
+
+    meta = dict(
+        date=_dt.datetime.now().isoformat(timespec="seconds"), device=str(device),
+        device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                     else f"{cpu_name()}, {os.cpu_count()} logical CPUs"),
+        torch=torch.__version__, fierce_ext=fierce_ext.__version__, python=platform.python_version(),
+        threads=args.threads, similarity=args.similarity, estimator=args.estimator,
+        tf32=(device.type == "cuda" and not args.no_tf32), quick=args.quick,
+        load_average_start=load_start,
+        load_average_end=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        not_measured=notes,
+        timing=("triton.testing.do_bench median" if device.type == "cuda"
+                else "median of time.perf_counter repeats (>= 3 runs, >= 0.5 s)"),
+        memory=("torch.cuda.max_memory_allocated during fwd+bwd minus allocated before"
+                if device.type == "cuda" else
+                "peak RSS (VmHWM after clear_refs) minus RSS before, fresh subprocess per "
+                "shape, glibc mmap threshold 64 KiB"),
+        floor="3 x one measured (B,D)x(D,C*K) GEMM"
+              + (" (tf32 for fp32, bf16 for bf16)" if device.type == "cuda" else " (fp32)"),
+    )
+    table = markdown_table(rows)
+    print()
+    print(table)
+    out_dir = Path(args.out) if args.out else (
+        Path(tempfile.mkdtemp(prefix="fierce-bench-")) if args.quick else HERE / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "-".join([device_tag(device), _dt.date.today().isoformat()]
+                    + (["quick"] if args.quick else []) + ([args.tag] if args.tag else []))
+    (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(header_text(meta) + "\n" + table + "\n")
+    plot(rows, meta, out_dir / f"{stem}.png")
+    print(f"\nwrote {out_dir / stem}.json / .md / .png")
+    if load_start and load_start[0] > (os.cpu_count() or 1):
+        print(f"warning: load average {load_start[0]:.1f} on {os.cpu_count()} CPUs at the start:"
+              " other processes shared the machine, timings are inflated")
+    return rows
+
+
+def header_text(meta):
+    lines = [f"# FIERCE entropy benchmark: {meta['device_name']} ({meta['date']})", "",
+             f"torch {meta['torch']}, fierce_ext {meta['fierce_ext']}, {meta['threads']} threads, "
+             f"similarity={meta['similarity']}, estimator={meta['estimator']}"
+             + (", TF32 matmuls on" if meta["tf32"] else ""), "",
+             f"- time: {meta['timing']}", f"- memory: {meta['memory']}",
+             f"- floor: {meta['floor']}"]
+    if meta.get("load_average_start"):
+        lines.append(f"- load average at start / end: "
+                     f"{', '.join(f'{x:.1f}' for x in meta['load_average_start'])} / "
+                     f"{', '.join(f'{x:.1f}' for x in meta['load_average_end'])}")
+    for name, why in meta["not_measured"].items():
+        lines.append(f"- not measured: {name}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value == 0 or math.isnan(value):
+            return f"{value:g}"
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows):
+    head = ("| shape | B x D x C x K | dtype | backend | fwd ms | bwd ms | fwd+bwd ms | "
+            "extra MiB | TFLOP/s | x 3-GEMM floor | speedup vs paper |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        dims = f"{r['B']} x {r['D']} x {r['C']} x {r['K']}"
+        if r.get("skipped"):
+            lines.append(f"| {r['shape']} | {dims} | {r['dtype']} | {r['backend']} | "
+                         f"skipped: {r['skipped']} | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['shape']} | {dims} | {r['dtype']} | {r['backend']} | {_fmt(r['fwd_ms'])} | "
+            f"{_fmt(r['bwd_ms'])} | {_fmt(r['fwdbwd_ms'])} | {_fmt(r.get('extra_mib'))} | "
+            f"{_fmt(r['tflops'])} | {_fmt(r['x_floor'])} | {_fmt(r.get('speedup_vs_paper'))} |")
+    return "\n".join(lines)
+
+
+def plot(rows, meta, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in rows})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(max(6, 3 + 2.2 * len(
+        {r["shape"] for r in rows})) * len(dtypes), 4.5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        measured = [r for r in rows if r["dtype"] == dtype]
+        shapes = list(dict.fromkeys(r["shape"] for r in measured))
+        backends = list(dict.fromkeys(r["backend"] for r in measured))
+        # Markers joined per backend: on a log axis, bars would start at an arbitrary bottom.
+        for backend in backends:
+            xs, ys = [], []
+            for i, shape in enumerate(shapes):
+                hit = [r for r in measured if r["shape"] == shape and r["backend"] == backend
+                       and r.get("fwdbwd_ms")]
+                if hit:
+                    xs.append(i)
+                    ys.append(hit[0]["fwdbwd_ms"])
+            ax.plot(xs, ys, "o-", label=backend)
+        floor_x, floor_y = [], []
+        for i, shape in enumerate(shapes):
+            hit = [r for r in measured if r["shape"] == shape and r.get("floor_ms")]
+            if hit:
+                floor_x.append(i)
+                floor_y.append(hit[0]["floor_ms"])
+        ax.plot(floor_x, floor_y, "k--", marker="_", markersize=20, label="3-GEMM floor")
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels(shapes)
+        ax.set_yscale("log")
+        ax.set_ylabel("forward + backward, ms (log)")
+        ax.set_title(f"{meta['device_name']}, {meta['threads']} threads, {dtype}", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", help=f"comma list of {', '.join(SHAPES)} "
+                        f"(default: {DEFAULT_SHAPES['cpu']} on CPU, all named on CUDA)")
+    parser.add_argument("--dtypes", help="comma list of fp32, bf16, fp16 "
+                        "(default: fp32 on CPU, fp32,bf16 on CUDA)")
+    parser.add_argument("--backends", help="comma list to restrict the backends measured")
+    parser.add_argument("--device", help="cpu or cuda[:i] (default: cuda if present)")
+    parser.add_argument("--compile", action="store_true",
+                        help="CPU: also measure torch.compile of the paper code (slow to build)")
+    parser.add_argument("--similarity", default="cosine", choices=["dot", "cosine", "distance"])
+    parser.add_argument("--estimator", default="gumbel_hard",
+                        choices=["gumbel_hard", "gumbel_soft", "softmax"],
+                        help="fierce_ext estimator (the paper's code is always gumbel_hard)")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="CUDA: keep fp32 matmuls in full fp32 (default: TF32 allowed)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny smoke run (one small shape, one repeat)")
+    parser.add_argument("--out", help="output folder (default: benchmarks/results/, a "
+                        "temporary folder with --quick)")
+    parser.add_argument("--tag", help="appended to the output file names")
+    parser.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_worker:
+        print(json.dumps(cpu_memory_worker(json.loads(args.memory_worker))))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

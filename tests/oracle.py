@@ -1,0 +1,142 @@
+"""Independent oracles the backends are tested against.
+
+* `oracle`: the FIERCE histogram and its gradient in float64 with plain torch autograd, written
+  from the definitions (DESIGN.md) and sharing no code with fierce_ext except the documented
+  noise rule (`fierce_ext.noise.gumbel_noise`, itself checked bit for bit against the numpy
+  implementation below).
+* `numpy_random_words` / `numpy_gumbel`: the noise rule of fierce_ext/noise.py, re-implemented
+  with numpy uint32/uint64 arithmetic, for bit-exact comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+import fierce_ext
+from fierce_ext.noise import gumbel_noise
+
+SIMILARITIES = ("dot", "cosine", "distance")
+ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
+
+# Backends this suite compares with the oracle: whatever runs on the CPU, except Triton, whose
+# interpreted runs are slow and which its own test files cover.
+CPU_BACKENDS = tuple(
+    name for name, status in fierce_ext.available_backends("cpu").items()
+    if status.available and name != "triton")
+# The package promises these two on every CPU: a load failure must fail loudly here, never
+# quietly shorten the parametrisation.
+if not {"reference", "torch"} <= set(CPU_BACKENDS):
+    raise RuntimeError(f"reference/torch backends unavailable on CPU: "
+                       f"{fierce_ext.available_backends('cpu')}")
+
+
+class OracleResult(NamedTuple):
+    histogram: torch.Tensor        # (C, K) float64
+    grad: torch.Tensor | None      # (B, D) float64: d sum(histogram * G) / d features
+    logits: torch.Tensor           # (B, C, K) float64: z = (s + g) / tau
+    similarity: torch.Tensor       # (B, C, K) float64: s
+
+
+def similarity_f64(r: torch.Tensor, w: torch.Tensor, similarity: str) -> torch.Tensor:
+    """s[b, h, k] in float64, from the definitions (differentiable w.r.t. r)."""
+    if similarity == "dot":
+        return torch.einsum("bd,hdk->bhk", r, w)
+    if similarity == "cosine":  # the paper's form: the einsum over the outer product of norms
+        norms = r.norm(dim=1)[:, None, None] * w.norm(dim=1)[None, :, :]
+        return torch.einsum("bd,hdk->bhk", r, w) / norms
+    if similarity == "distance":  # -|r_b - w_hk|^2, by explicit differences (no GEMM expansion)
+        heads = w.shape[0]
+        d = torch.cdist(r.unsqueeze(0).expand(heads, -1, -1), w.transpose(1, 2),
+                        compute_mode="donot_use_mm_for_euclid_dist")  # (C, B, K)
+        return -(d * d).permute(1, 0, 2)
+    raise ValueError(similarity)
+
+
+def oracle(features: torch.Tensor, dictionary: torch.Tensor, *, similarity: str,
+           estimator: str, tau: float, seed: int, row_offset: int = 0,
+           grad_histogram: torch.Tensor | None = None) -> OracleResult:
+    """Histogram p (C, K) and, given G = dL/dp, dL/dfeatures, all in float64 via autograd."""
+    r = features.detach().to(torch.float64).requires_grad_(grad_histogram is not None)
+    w = dictionary.detach().to(torch.float64)
+    s = similarity_f64(r, w, similarity)
+    rows, heads, bins = s.shape
+    z = s
+    if estimator != "softmax":
+        z = s + gumbel_noise(seed, rows, heads, bins, row_offset, dtype=torch.float64)
+    z = z / tau
+    y = torch.softmax(z, dim=-1)
+    if estimator == "gumbel_hard":
+        # Straight-through: the value is the hard one-hot (ties: torch.argmax takes the first),
+        # the gradient is softmax's. hard + (y - y.detach()) is exactly `hard` in value.
+        hard = torch.nn.functional.one_hot(z.argmax(dim=-1), bins).to(torch.float64)
+        e = hard + (y - y.detach())
+    else:
+        e = y
+    p = e.mean(dim=0)
+    grad = None
+    if grad_histogram is not None:
+        (grad,) = torch.autograd.grad((p * grad_histogram.to(torch.float64)).sum(), r)
+    return OracleResult(p.detach(), grad, z.detach(), s.detach())
+
+
+def entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    """Per-head entropy in bits of a (C, K) float64 histogram, 0 log 0 = 0."""
+    logs = torch.where(p > 0, torch.log2(p.clamp_min(1e-300)), torch.zeros_like(p))
+    return -(p * logs).sum(dim=1)
+
+
+def top2_margin(z: torch.Tensor) -> torch.Tensor:
+    """z[top1] - z[top2] over the last axis (+inf when there is a single bin)."""
+    if z.shape[-1] == 1:
+        return torch.full(z.shape[:-1], math.inf, dtype=z.dtype)
+    top = z.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+# ----------------------------------------------------------------- numpy Philox noise rule
+
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_LO = np.uint64(0xFFFFFFFF)
+_32 = np.uint64(32)
+
+
+def numpy_philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+    """Philox4x32-10 (Salmon et al., SC'11). counter: (..., 4) uint32; returns (..., 4) uint32."""
+    c = [counter[..., i].astype(np.uint64) for i in range(4)]
+    k0, k1 = key[0] & 0xFFFFFFFF, key[1] & 0xFFFFFFFF
+    for round_index in range(10):
+        if round_index:
+            k0, k1 = (k0 + _W0) & 0xFFFFFFFF, (k1 + _W1) & 0xFFFFFFFF
+        p0, p1 = _M0 * c[0], _M1 * c[2]  # 32 x 32 -> 64 bits, exact in uint64
+        c = [(p1 >> _32) ^ c[1] ^ np.uint64(k0), p1 & _LO,
+             (p0 >> _32) ^ c[3] ^ np.uint64(k1), p0 & _LO]
+    return np.stack(c, axis=-1).astype(np.uint32)
+
+
+def numpy_random_words(seed: int, rows: int, heads: int, bins: int,
+                       row_offset: int = 0) -> np.ndarray:
+    """The 32-bit words x[b, h, k] of the rule in fierce_ext/noise.py, (rows, heads, bins) uint32."""
+    quads = -(-bins // 4)
+    b = np.arange(rows, dtype=np.uint64)[:, None, None] + np.uint64(row_offset)
+    h = np.arange(heads, dtype=np.uint64)[None, :, None]
+    k = np.arange(bins, dtype=np.uint64)[None, None, :]
+    n = (b * np.uint64(heads) + h) * np.uint64(quads) + k // np.uint64(4)
+    counter = np.stack([n & _LO, n >> _32, np.zeros_like(n), np.zeros_like(n)], axis=-1)
+    out = numpy_philox4x32_10(counter.astype(np.uint32), (seed & 0xFFFFFFFF, seed >> 32))
+    lane = (k % np.uint64(4)).astype(np.intp)
+    return np.take_along_axis(out, np.broadcast_to(lane, n.shape)[..., None], axis=-1)[..., 0]
+
+
+def numpy_uniform(words: np.ndarray) -> np.ndarray:
+    """u = (2 (x >> 9) + 1) / 2^24, float64 (exact)."""
+    return ((words >> np.uint32(9)).astype(np.float64) * 2 + 1) / 2.0**24
+
+
+def numpy_gumbel(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0) -> np.ndarray:
+    return -np.log(-np.log(numpy_uniform(numpy_random_words(seed, rows, heads, bins,
+                                                            row_offset))))

@@ -1,0 +1,180 @@
+"""Bad input raises ValueError/TypeError naming the argument; NaN/Inf never become a number."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fierce_ext
+from oracle import ESTIMATORS, SIMILARITIES
+
+F = torch.randn(8, 5)
+W = torch.rand(2, 5, 7)
+
+
+def _entropy(**kwargs):
+    args = dict(features=F, dictionary=W, seed=0)
+    args.update(kwargs)
+    features = args.pop("features")
+    return fierce_ext.entropy(features, **args)
+
+
+def _histogram(**kwargs):
+    args = dict(features=F, dictionary=W, seed=0)
+    args.update(kwargs)
+    features, dictionary = args.pop("features"), args.pop("dictionary")
+    return fierce_ext.histogram(features, dictionary, **args)
+
+
+CALLS = {"entropy": _entropy, "histogram": _histogram}
+
+# (case id, keyword arguments, exception type, a word the message must contain)
+BAD_INPUTS = [
+    ("features-1d", dict(features=torch.randn(5)), ValueError, "features"),
+    ("features-3d", dict(features=torch.randn(2, 8, 5)), ValueError, "features"),
+    ("features-not-tensor", dict(features=[[1.0, 2.0]]), TypeError, "features"),
+    ("features-int", dict(features=torch.ones(8, 5, dtype=torch.int64)), TypeError, "features"),
+    ("features-bool", dict(features=torch.ones(8, 5, dtype=torch.bool)), TypeError, "features"),
+    ("batch-0", dict(features=torch.randn(0, 5)), ValueError, "features"),
+    ("dim-0", dict(features=torch.randn(8, 0), dictionary=torch.rand(2, 0, 7)), ValueError,
+     "features"),
+    ("dictionary-2d", dict(dictionary=torch.rand(5, 7)), ValueError, "dictionary"),
+    ("dictionary-4d", dict(dictionary=torch.rand(1, 2, 5, 7)), ValueError, "dictionary"),
+    ("dictionary-dim-mismatch", dict(dictionary=torch.rand(2, 4, 7)), ValueError, "dictionary"),
+    ("dictionary-int", dict(dictionary=torch.ones(2, 5, 7, dtype=torch.int32)), TypeError,
+     "dictionary"),
+    ("dictionary-not-tensor", dict(dictionary=[[[1.0]]]), TypeError, "dictionary"),
+    ("dictionary-requires-grad", dict(dictionary=torch.rand(2, 5, 7, requires_grad=True)),
+     ValueError, "detach"),
+    ("dictionary-zero-heads", dict(dictionary=torch.rand(0, 5, 7)), ValueError, "dictionary"),
+    ("dictionary-zero-bins", dict(dictionary=torch.rand(2, 5, 0)), ValueError, "dictionary"),
+    ("devices-differ", dict(features=torch.randn(8, 5, device="meta")), ValueError, "device"),
+    ("tau-0", dict(tau=0.0), ValueError, "tau"),
+    ("tau-negative", dict(tau=-1.0), ValueError, "tau"),
+    ("tau-inf", dict(tau=math.inf), ValueError, "tau"),
+    ("tau-nan", dict(tau=math.nan), ValueError, "tau"),
+    ("tau-str", dict(tau="1.0"), TypeError, "tau"),
+    ("tau-tensor", dict(tau=torch.tensor(1.0)), TypeError, "tau"),
+    ("similarity", dict(similarity="euclid"), ValueError, "similarity"),
+    ("estimator", dict(estimator="gumbel"), ValueError, "estimator"),
+    ("backend-unknown", dict(backend="numpy"), ValueError, "backend"),
+    ("backend-not-str", dict(backend=1), TypeError, "backend"),
+    ("seed-negative", dict(seed=-1), ValueError, "seed"),
+    ("seed-too-large", dict(seed=2**63), ValueError, "seed"),
+    ("seed-float", dict(seed=1.5), TypeError, "seed"),
+]
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("case, kwargs, error, word", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input(call, case, kwargs, error, word):
+    with pytest.raises(error, match=word):
+        CALLS[call](**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(reduction="sum"), "reduction"),
+    (dict(dictionary=None, bins=0), "bins"),
+    (dict(dictionary=None, heads=0), "heads"),
+    (dict(dictionary=None, bins=2.5), "bins"),
+])
+def test_bad_entropy_only_input(kwargs, word):
+    with pytest.raises((ValueError, TypeError), match=word):
+        _entropy(**kwargs)
+
+
+def test_bad_row_offset():
+    with pytest.raises(ValueError, match="row_offset"):
+        _histogram(row_offset=-1)
+
+
+def test_unavailable_backend_lists_available():
+    # No CUDA device here: asking for the cuda backend on CPU tensors names what can run.
+    with pytest.raises((RuntimeError, ValueError), match="available") as info:
+        _histogram(backend="cuda")
+    assert "torch" in str(info.value) and "cuda" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(dim=5, bins=0), "bins"),
+    (dict(dim=5, heads=0), "heads"),
+    (dict(dim=0), "dim"),
+    (dict(dim=5, similarity="l2"), "similarity"),
+    (dict(dim=5, estimator="hard"), "estimator"),
+    (dict(dim=5, tau=0.0), "tau"),
+    (dict(dim=5, dictionary=torch.rand(5, 7)), "dictionary"),
+    (dict(dim=5, dictionary=torch.rand(1, 4, 7)), "dim"),
+])
+def test_bad_module_arguments(kwargs, word):
+    with pytest.raises((ValueError, TypeError), match=word):
+        fierce_ext.FeatureEntropy(**kwargs)
+
+
+@pytest.mark.parametrize("lam", [math.nan, math.inf, "1", None])
+def test_bad_lambda(lam):
+    with pytest.raises((ValueError, TypeError), match="lam"):
+        fierce_ext.FIERCELoss(5, lam=lam)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(dim=0), "dim"), (dict(dim=3, bins=0), "bins"), (dict(dim=3, heads=0), "heads"),
+    (dict(dim=3, low=1.0, high=1.0), "low"), (dict(dim=3.0), "dim"),
+])
+def test_bad_uniform_dictionary(kwargs, word):
+    with pytest.raises((ValueError, TypeError), match=word):
+        fierce_ext.uniform_dictionary(**kwargs)
+
+
+@pytest.mark.parametrize("args, word", [((0, 1.0, 2.0), "bins"), ((5, 2.0, 1.0), "low")])
+def test_bad_bin_dictionary(args, word):
+    with pytest.raises((ValueError, TypeError), match=word):
+        fierce_ext.bin_dictionary(*args)
+
+
+def test_bad_histogram_entropy():
+    with pytest.raises(ValueError, match="histogram"):
+        fierce_ext.histogram_entropy(torch.rand(7))
+    with pytest.raises(ValueError, match="reduction"):
+        fierce_ext.histogram_entropy(torch.rand(2, 7), reduction="max")
+
+
+# ------------------------------------------------------------------------------ NaN and Inf
+
+NON_FINITE = pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf],
+                                     ids=["nan", "inf", "-inf"])
+
+
+def _poisoned(bad, dtype):
+    # One poisoned element among 20 rows; the dictionary has both signs in every head.
+    features = torch.randn(20, 4, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    features[7, 2] = bad
+    dictionary = torch.rand(2, 4, 6, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    return features, dictionary * 2 - 1
+
+
+@NON_FINITE
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_features_give_nan_entropy(backend, bad, similarity, estimator, dtype):
+    # A plausible-looking finite entropy would silently train on garbage: it must be NaN.
+    features, dictionary = _poisoned(bad, dtype)
+    kwargs = dict(similarity=similarity, estimator=estimator, seed=3, backend=backend)
+    h = fierce_ext.entropy(features, dictionary, reduction="none", **kwargs)
+    assert bool(torch.isnan(h).all()), h
+    assert torch.isnan(fierce_ext.entropy(features, dictionary, **kwargs))
+
+
+@NON_FINITE
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_non_finite_features_poison_whole_histogram(backend, bad, similarity, estimator):
+    # The backend contract (fierce_ext/backends/__init__.py, DESIGN.md): a row whose logits are
+    # not all finite makes the WHOLE histogram NaN, so that anything computed from p (an
+    # all-reduce, a KL to uniform, a single bin) cannot come out finite.
+    features, dictionary = _poisoned(bad, torch.float64)
+    p = fierce_ext.histogram(features, dictionary, similarity=similarity, estimator=estimator,
+                             seed=3, backend=backend)
+    assert bool(torch.isnan(p).all()), p

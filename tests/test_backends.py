@@ -1,0 +1,209 @@
+"""Every CPU backend against the independent float64 oracle (tests/oracle.py): histogram values and
+gradients, on hypothesis-drawn shapes, similarities, estimators, layouts and dtypes.
+
+Tolerance rule (eps = the compute dtype's epsilon: float64 for float64 features, else float32).
+* Logits: the backend's z = (s + g) / tau carries an absolute error of at most
+  tol_z = 4 sqrt(D+1) eps * zscale, where zscale bounds |z| from the inputs (Cauchy-Schwarz on the
+  similarity, plus the largest possible noise value 17, over tau).
+* Hard histogram, float64: EXACTLY equal (a near-tie within ~1e-13 of the winning logit has
+  negligible probability on the continuous data drawn here).
+* Hard histogram, float32: a bin can legitimately flip on a near-tie, so only rows whose float64
+  top-2 margin is below 2 tol_z may pick another bin: per head, the number of rows that moved,
+  sum_k |counts - oracle counts| / 2, must not exceed the number of such near-tie rows.
+* Soft histograms: |dp| <= (exp(2 tol_z) - 1 + 1000 eps) p + eps (the relative error of each
+  softmax, plus the sum over up to 600 rows).
+* Gradient, per row b: |d grad_b| <= 4 dtol sum_hk|delta| * |v| a_b (x2 for cosine, + 2|r_b| for
+  distance, whose -|r|^2 term cancels only up to rounding) + 1000 eps |grad_b|, where
+  dtol = 2 tol_z + 8 eps is the relative error of delta = y (G - yG) / (B tau) and
+  sum_hk |delta| <= 2 max|G| C / (B tau) (DESIGN.md's backward formulas).
+A wrong formula (sign, factor, noise index, missing term) is off by O(1) and fails: a 1% error
+in tau in the backward fails every case, a noise row shifted by one every Gumbel case.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fierce_ext
+from oracle import CPU_BACKENDS, ESTIMATORS, SIMILARITIES, oracle, top2_margin
+
+def make_features(gen, rows, dim, dtype, layout, scale):
+    x = (torch.randn(rows, dim, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    if layout == "transposed":  # column-major storage
+        return x.T.contiguous().T
+    if layout == "strided":  # every other column of a wider buffer
+        buffer = torch.zeros(rows, 2 * dim, dtype=dtype)
+        buffer[:, ::2] = x
+        return buffer[:, ::2]
+    if layout == "expanded":  # stride 0 along the batch: every row the same vector
+        return x[:1].expand(rows, dim)
+    return x
+
+
+def make_dictionary(gen, heads, dim, bins, dtype, layout):
+    w = (2 * torch.rand(heads, dim, bins, generator=gen, dtype=torch.float64) - 1).to(dtype)
+    if layout == "permuted":  # stored (C, K, D), viewed (C, D, K)
+        return w.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    if layout == "strided":  # every other bin of a wider buffer
+        buffer = torch.zeros(heads, dim, 2 * bins, dtype=dtype)
+        buffer[:, :, ::2] = w
+        return buffer[:, :, ::2]
+    return w
+
+
+@st.composite
+def problems(draw):
+    rows = draw(st.integers(1, 600))
+    dim = draw(st.integers(1, 300))
+    return dict(
+        rows=rows, dim=dim, heads=draw(st.integers(1, 4)), bins=draw(st.integers(1, 300)),
+        similarity=draw(st.sampled_from(SIMILARITIES)),
+        estimator=draw(st.sampled_from(ESTIMATORS)),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32])),
+        tau=draw(st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0])),
+        seed=draw(st.integers(0, 2**63 - 1)),
+        row_offset=draw(st.one_of(st.just(0), st.integers(0, 2**40))),
+        data_seed=draw(st.integers(0, 2**31)),
+        feature_layout=draw(st.sampled_from(["contiguous", "transposed", "strided", "expanded"])),
+        dictionary_layout=draw(st.sampled_from(["contiguous", "permuted", "strided"])),
+        # Features of a realistic size: |r| ~ scale for dot (so |s| stays tens, not hundreds).
+        scale=draw(st.sampled_from([0.3, 1.0, 3.0])),
+    )
+
+
+def build(problem):
+    gen = torch.Generator().manual_seed(problem["data_seed"])
+    dim, dtype = problem["dim"], problem["dtype"]
+    scale = problem["scale"] / (math.sqrt(dim) if problem["similarity"] == "dot" else 1.0)
+    features = make_features(gen, problem["rows"], dim, dtype, problem["feature_layout"], scale)
+    dictionary = make_dictionary(gen, problem["heads"], dim, problem["bins"], dtype,
+                                 problem["dictionary_layout"])
+    grad_histogram = torch.randn(problem["heads"], problem["bins"], generator=gen).to(dtype)
+    return features, dictionary, grad_histogram
+
+
+def logit_tolerance(features, dictionary, similarity, estimator, tau, eps):
+    """Bound on the absolute error of z = (s + g) / tau computed in precision eps."""
+    r = features.double()
+    w = dictionary.double()
+    r_max = r.norm(dim=1).max().item()
+    w_max = w.norm(dim=1).max().item()
+    s_bound = {"dot": r_max * w_max, "cosine": 1.0, "distance": (r_max + w_max) ** 2}[similarity]
+    g_bound = 0.0 if estimator == "softmax" else 17.0  # |g| <= -log(-log(1 - 2^-24)) < 17
+    zscale = (s_bound + g_bound) / tau
+    return 4 * math.sqrt(features.shape[1] + 1) * eps * zscale
+
+
+def run_backend(backend, features, dictionary, grad_histogram, problem):
+    x = features.detach().requires_grad_(True)
+    hist = fierce_ext.histogram(x, dictionary, similarity=problem["similarity"],
+                                estimator=problem["estimator"], tau=problem["tau"],
+                                seed=problem["seed"], backend=backend,
+                                row_offset=problem["row_offset"])
+    (hist * grad_histogram).sum().backward()
+    return hist.detach(), x.grad
+
+
+def check_against_oracle(backend, problem):
+    features, dictionary, grad_histogram = build(problem)
+    similarity, estimator, tau = problem["similarity"], problem["estimator"], problem["tau"]
+    hist, grad = run_backend(backend, features, dictionary, grad_histogram, problem)
+    ref = oracle(features, dictionary, similarity=similarity, estimator=estimator, tau=tau,
+                 seed=problem["seed"], row_offset=problem["row_offset"],
+                 grad_histogram=grad_histogram)
+    rows, heads, bins = problem["rows"], problem["heads"], problem["bins"]
+    compute = torch.float64 if problem["dtype"] == torch.float64 else torch.float32
+    assert hist.shape == (heads, bins) and hist.dtype == compute
+    assert grad.shape == features.shape and grad.dtype == features.dtype
+    hist, grad = hist.double(), grad.double()
+
+    eps = float(torch.finfo(compute).eps)
+    tol_z = logit_tolerance(features, dictionary, similarity, estimator, tau, eps)
+    if estimator == "gumbel_hard" and compute == torch.float64:
+        assert torch.equal(hist, ref.histogram), (hist - ref.histogram).abs().max()
+    elif estimator == "gumbel_hard":
+        counts = hist * rows  # integers up to float32 rounding of count / B
+        assert (counts - counts.round()).abs().max().item() < 1e-3
+        ref_counts = (ref.histogram * rows).round()
+        flips = (counts.round() - ref_counts).abs().sum(dim=1) / 2  # rows that changed bin
+        near_ties = (top2_margin(ref.logits) < 2 * tol_z).sum(dim=0)  # per head
+        assert bool((flips <= near_ties).all()), (flips, near_ties, tol_z)
+    else:
+        bound = (math.expm1(2 * tol_z) + 1000 * eps) * ref.histogram + eps
+        excess = (hist - ref.histogram).abs() - bound
+        assert excess.max().item() <= 0, (excess.max().item(), tol_z)
+
+    r = features.double()
+    w = dictionary.double()
+    # sum_hk |delta[b,h,k]| <= 2 max|G| C / (B tau), since sum_k y = 1 per head.
+    delta_sum = 2 * grad_histogram.double().abs().max().item() * heads / (rows * tau)
+    dtol = 2 * tol_z + 8 * eps
+    if similarity == "cosine":
+        through_v = 2 / r.norm(dim=1).clamp_min(1e-12)  # a_b |v| (=1), twice for the a_b term
+    else:
+        through_v = (2 if similarity == "distance" else 1) * w.norm(dim=1).max().item()
+        # distance: the -|r|^2 term contributes r_b * sum(delta), zero only up to rounding
+        through_v = through_v + (2 * r.norm(dim=1) if similarity == "distance" else 0)
+    bound = 4 * dtol * delta_sum * through_v + 1000 * eps * ref.grad.norm(dim=1)
+    err = (grad - ref.grad).norm(dim=1)
+    assert bool((err <= bound).all()), ((err - bound).max().item(), tol_z)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=30)
+@given(problem=problems())
+def test_backend_matches_oracle(backend, problem):
+    check_against_oracle(backend, problem)
+
+
+# Hand-picked corners hypothesis may not reach in a few dozen draws.
+CORNERS = [
+    dict(rows=1, dim=1, heads=1, bins=1),          # everything degenerate: p = [[1]]
+    dict(rows=3, dim=1, heads=2, bins=100),        # the age setting: D = 1, many bins
+    dict(rows=257, dim=5, heads=3, bins=7),        # K not a multiple of 4 (Philox quads)
+    dict(rows=2, dim=300, heads=4, bins=2),        # wide features, two bins
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("corner", CORNERS, ids=lambda c: "x".join(map(str, c.values())))
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_backend_corners(backend, corner, similarity, dtype):
+    for estimator in ESTIMATORS:
+        problem = dict(corner, similarity=similarity, estimator=estimator, dtype=dtype, tau=0.5,
+                       seed=2**62 + 12345, row_offset=0, data_seed=7,
+                       feature_layout="transposed", dictionary_layout="permuted", scale=1.0)
+        check_against_oracle(backend, problem)
+
+
+@pytest.mark.parametrize("similarity, estimator",
+                         [("dot", "softmax"), ("cosine", "gumbel_hard"),
+                          ("distance", "gumbel_soft")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_torch_backend_largest_shape(similarity, estimator, dtype):
+    # The largest drawn shape, for the backend meant for scale (see REFERENCE_DISTANCE_VOLUME).
+    problem = dict(rows=600, dim=300, heads=4, bins=300, similarity=similarity,
+                   estimator=estimator, dtype=dtype, tau=0.5, seed=31337, row_offset=0,
+                   data_seed=11, feature_layout="strided", dictionary_layout="strided",
+                   scale=1.0)
+    check_against_oracle("torch", problem)
+
+
+def test_chunked_backend_crosses_chunks(monkeypatch):
+    # Force many small chunks in the torch backend (a few rows each) to check the chunk
+    # boundaries: the noise row index, the lse slices, the gradient slices.
+    from fierce_ext.backends import chunked
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 3 * 2 * 9)
+    for similarity in SIMILARITIES:
+        for estimator in ESTIMATORS:
+            problem = dict(rows=20, dim=6, heads=2, bins=9, similarity=similarity,
+                           estimator=estimator, dtype=torch.float64, tau=0.7, seed=99,
+                           row_offset=5, data_seed=3, feature_layout="contiguous",
+                           dictionary_layout="contiguous", scale=1.0)
+            check_against_oracle("torch", problem)
