@@ -56,15 +56,26 @@ def philox4x32_10(
     return c0, c1, c2, c3
 
 
+# Counters per Philox call on the CPU: the ~120 elementwise int64 operations of ten rounds then
+# run on operands that stay in cache, about 25x faster than one call over a large chunk.
+CPU_BLOCK = 8192
+
+
 def random_words(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """The 32-bit words x[b, h, k] of the noise rule, as an int64 tensor (rows, heads, bins)."""
     quads = (bins + 3) // 4
+    total = rows * heads * quads
     first = (row_offset * heads) * quads
-    n = torch.arange(first, first + rows * heads * quads, dtype=torch.int64, device=device)
-    zero = torch.zeros_like(n)
-    words = philox4x32_10(n & MASK32, n >> 32, zero, zero, seed & MASK32, (seed >> 32) & MASK32)
-    return torch.stack(words, dim=-1).view(rows, heads, quads * 4)[:, :, :bins]
+    words = torch.empty(total, 4, dtype=torch.int64, device=device)
+    block = CPU_BLOCK if words.device.type == "cpu" else max(total, 1)
+    key = (seed & MASK32, (seed >> 32) & MASK32)
+    for start in range(0, total, block):
+        stop = min(total, start + block)
+        n = torch.arange(first + start, first + stop, dtype=torch.int64, device=words.device)
+        zero = torch.zeros_like(n)
+        words[start:stop] = torch.stack(philox4x32_10(n & MASK32, n >> 32, zero, zero, *key), -1)
+    return words.view(rows, heads, quads * 4)[:, :, :bins]
 
 
 def uniform_from_words(words: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
