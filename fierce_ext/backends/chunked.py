@@ -84,7 +84,7 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
             histogram += torch.exp(z - chunk_lse[:, :, None]).sum(dim=0)
         # A row with a non-finite logit has a non-finite lse: poison every bin, not just some
         # (an argmax or a softmax would otherwise turn it into plausible numbers).
-        histogram += 0 * chunk_lse.sum()
+        histogram += torch.where(torch.isfinite(chunk_lse).all(), 0.0, torch.nan)
     return histogram / rows, lse
 
 

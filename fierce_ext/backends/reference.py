@@ -70,7 +70,7 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
         e = y
     lse = torch.logsumexp(z, dim=-1)
     # A row with a non-finite logit has a non-finite lse: poison every bin, not just some.
-    return e.mean(dim=0) + 0 * lse.sum(), lse
+    return e.mean(dim=0) + torch.where(torch.isfinite(lse).all(), 0.0, torch.nan), lse
 
 
 def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
