@@ -1,0 +1,681 @@
+"""The `triton` backend: fused Triton kernels for the feature histogram and its gradient.
+
+Forward (two launches): `_forward_kernel` runs one program per (share of the row blocks, head).
+For each block of rows it computes the logits tile by tile over the bins,
+
+    s = a_b (r_b . v_hk) + c_hk        (tl.dot over D; a, v, c from fierce_ext/dictionary.py)
+    z = (s + g) / tau                  (g: the shared noise rule, backends/triton_noise.py)
+
+keeps a running max, argmax and sum of exponentials over the bin tiles (online log-sum-exp), then
+adds the block's column sums of the one-hot argmax (`gumbel_hard`) or of y = exp(z - lse) (a
+second pass over the bins, after the final lse is known) to the program's partial histogram.
+`_reduce_kernel` sums the partials in a fixed order and divides by B. Only lse (B, C), the
+partials (min(ceil(B / BLOCK_B), MAX_ROW_PROGRAMS), C, K) and the histogram are written: never a
+B x C x K tensor. NaN poisoning: a row whose lse is not finite (its logits hold a NaN or +inf,
+or are all -inf) makes the whole histogram NaN, for every estimator; such rows get a non-finite
+gradient row, the other rows' gradients are unaffected.
+
+Backward (two launches per chunk of rows): the gradient is a GEMM whose reduction runs over all
+C * K bins while its output has all D columns, and delta needs a reduction over the bins first:
+
+    delta[b,h,k] = y[b,h,k] (G[h,k] - e[b,h]) / (B tau),   e[b,h] = sum_k y[b,h,k] G[h,k]
+    dr_b = a_b sum_hk delta v_hk  -  [cosine] a_b^2 (sum_hk delta s) r_b
+
+D is up to thousands, too wide to keep a row block's gradient in registers (flash attention's
+trick needs D <= ~256), so for each chunk of rows `_softmax_kernel` recomputes the logits once,
+writes y to a scratch (chunk x C x K in the dot dtype, at most SCRATCH_FRACTION of the
+gradient's bytes or SCRATCH_MIN_BYTES) while summing e, then rewrites its own, still L2-resident
+tiles as y (G - e); `_grad_kernel` is a tiled GEMM of that scratch with the projected dictionary
+whose epilogue applies a_b, 1 / (B tau) and the cosine correction, writing each gradient element
+exactly once, in the features' dtype.
+
+Precision: float32 features multiply in TF32 on the tensor cores by default. The first of these
+that is set chooses, at each call: `fused_triton.FP32_PRECISION`, the environment variable
+FIERCE_EXT_TRITON_PRECISION, then FIERCE_EXT_FP32_PRECISION (shared with the cuda backend);
+values "tf32", "tf32x3" (three TF32 passes, near fp32) or "ieee" (exact fp32, no tensor cores).
+float16/bfloat16 features multiply in their own dtype with float32 accumulation; float64
+features compute in float64 throughout.
+
+Determinism: no atomics; every sum runs in an order fixed by the shapes, so the same inputs and
+seed give bitwise-identical outputs run to run on the same device.
+
+On a CPU, the kernels run in Triton's interpreter when TRITON_INTERPRET=1 is set before this
+module is first imported (the `@triton.jit` decorators read it); the interpreter multiplies
+bfloat16 dots wrongly (triton issue 11584), so bf16 tiles are upcast to fp32 there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import weakref
+
+import torch
+
+from ..dictionary import NORM_EPS, project_dictionary
+from ..noise import SEED_LIMIT
+
+# Triton itself comes through triton_noise, which stays importable without it.
+from .triton_noise import IMPORT_ERROR as _IMPORT_ERROR
+from .triton_noise import gumbel_tile, noise_words_kernel, tl, triton
+from .triton_noise import jit as _jit
+
+NAME = "triton"
+
+ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
+FP32_PRECISIONS = ("tf32", "tf32x3", "ieee")
+PRECISION_ENVS = ("FIERCE_EXT_TRITON_PRECISION", "FIERCE_EXT_FP32_PRECISION")
+
+# How float32 features are multiplied (ignored by the interpreter): one of FP32_PRECISIONS, or
+# None to read PRECISION_ENVS (then "tf32") at each call.
+FP32_PRECISION: str | None = None
+
+
+def _precision_from_env() -> str:
+    for name in PRECISION_ENVS:
+        value = os.environ.get(name)
+        if value is not None and value.strip():
+            value = value.strip().lower()
+            if value not in FP32_PRECISIONS:
+                raise ValueError(f"{name} must be one of {FP32_PRECISIONS}, got {value!r}")
+            return value
+    return "tf32"
+
+
+# The backward's y scratch for one chunk of rows: at most this fraction of the gradient's bytes,
+# but at least SCRATCH_MIN_BYTES (so small gradients still run in one chunk).
+SCRATCH_FRACTION = 0.125
+SCRATCH_MIN_BYTES = 16 * 2**20
+
+# Programs along the rows in the forward: each sums its share of row blocks into one partial
+# histogram, so the partials take at most MAX_ROW_PROGRAMS x C x K, whatever B. A constant (not
+# the device's SM count) keeps the summation order, and so the bits, the same on every GPU.
+MAX_ROW_PROGRAMS = 1024
+
+# Largest tiles in the interpreter, whose cost grows with the number of programs and ops, not
+# with tile size. Tests lower them to exercise the multi-tile and multi-block paths cheaply.
+INTERPRETER_MAX_BLOCK = {"rows": 128, "bins": 256, "dim": 256}
+
+_MASK32 = 0xFFFFFFFF
+_NAN = tl.constexpr(float("nan"))
+_NEG_INF = tl.constexpr(float("-inf"))
+_NO_BIN = tl.constexpr(2**30)  # larger than any bin index
+_NORM_EPS = tl.constexpr(NORM_EPS)
+
+
+# ---------------------------------------------------------------------------- shared pieces
+
+@_jit()
+def _row_scale(r_ptr, stride_rb, stride_rd, rows, row_mask, D, ACC: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """a_b = 1 / max(|r_b|, NORM_EPS), accumulated in the compute dtype."""
+    sumsq = tl.zeros((BLOCK_B,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        r = tl.load(r_ptr + rows[:, None] * stride_rb + ds[None, :] * stride_rd,
+                    mask=row_mask[:, None] & (ds < D)[None, :], other=0.0).to(ACC)
+        sumsq += tl.sum(r * r, axis=1)
+    return 1.0 / tl.maximum(tl.sqrt(sumsq), tl.full((BLOCK_B,), _NORM_EPS, ACC))
+
+
+@_jit()
+def _round_to_tf32(x):
+    """fp32 -> the nearest TF32 value (10-bit mantissa; ties away from zero), still as fp32.
+    Tensor cores otherwise drop the low 13 bits: a truncation error twice as large, biased."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)  # NaN stays NaN
+
+
+@_jit()
+def _logits_tile(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, rows, noise_rows, row_mask,
+                 scale, h, k0, D, K, C, Q, tau, seed_lo, seed_hi,
+                 ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                 ROUND_TF32: tl.constexpr, HAS_SCALE: tl.constexpr, NOISE: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(s, z) for rows x bins [k0, k0 + BLOCK_K) of head h; vt is the projected dictionary as a
+    (C * K, D) matrix with row stride ld_v; noise_rows = row_offset + rows. Padded rows and
+    bins hold finite values: callers mask them."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    acc = tl.zeros((BLOCK_B, BLOCK_K), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        r = tl.load(r_ptr + rows[:, None] * stride_rb + ds[None, :] * stride_rd,
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        v = tl.load(vt_ptr + (h * K + ks)[None, :] * ld_v + ds[:, None],
+                    mask=d_mask[:, None] & k_mask[None, :], other=0.0)
+        r = r.to(DOT)
+        if ROUND_TF32:  # (vt is rounded once, by the launcher)
+            r = _round_to_tf32(r)
+        acc = tl.dot(r, v.to(DOT), acc, input_precision=PRECISION)
+    s = acc
+    if HAS_SCALE:
+        s = s * scale[:, None]
+    # The bias is 0 except for `distance`: one (K,) load, cheaper than another specialisation.
+    s = s + tl.load(bias_ptr + h * K + ks, mask=k_mask, other=0.0)[None, :]
+    z = s
+    if NOISE:
+        z = z + gumbel_tile(seed_lo, seed_hi, noise_rows, h, C, Q, k0 // 4, ACC, BLOCK_B, BLOCK_K)
+    return s, z / tau
+
+
+# ---------------------------------------------------------------------------------- forward
+
+@_jit(do_not_specialize=["B", "num_blocks", "seed_lo", "seed_hi", "row_offset"])
+def _forward_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr, part_ptr,
+                    bad_ptr, B, num_blocks, D, K, C, tau_hi, tau_lo, seed_lo, seed_hi,
+                    row_offset, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                    ROUND_TF32: tl.constexpr, HAS_SCALE: tl.constexpr, NOISE: tl.constexpr,
+                    HARD: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (p, h) handles the row blocks p, p + P, p + 2P, ... (P programs along rows) of
+    head h and accumulates their column sums into its own partial histogram row."""
+    pid_b = tl.program_id(0)
+    h = tl.program_id(1)
+    tau = tl.cast(tau_hi, ACC) + tl.cast(tau_lo, ACC)
+    Q = (K + 3) // 4
+    bad = tl.zeros((BLOCK_B,), tl.int32)
+    for block in range(pid_b, num_blocks, tl.num_programs(0)):
+        local = block * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_mask = local < B
+        rows = local.to(tl.int64)
+        noise_rows = row_offset + rows
+        if HAS_SCALE:
+            scale = _row_scale(r_ptr, stride_rb, stride_rd, rows, row_mask, D, ACC, BLOCK_B,
+                               BLOCK_D)
+        else:
+            scale = tl.full((BLOCK_B,), 1.0, ACC)
+
+        # Pass 1: online max / sum of exponentials (and argmax, ties to the lowest bin).
+        m = tl.full((BLOCK_B,), _NEG_INF, ACC)
+        total = tl.zeros((BLOCK_B,), ACC)
+        best = tl.full((BLOCK_B,), _NEG_INF, ACC)
+        best_k = tl.zeros((BLOCK_B,), tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            s, z = _logits_tile(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, rows,
+                                noise_rows, row_mask, scale, h, k0, D, K, C, Q, tau, seed_lo,
+                                seed_hi, ACC, DOT, PRECISION, ROUND_TF32, HAS_SCALE, NOISE, BLOCK_B,
+                                BLOCK_K, BLOCK_D)
+            z = tl.where((ks < K)[None, :], z, _NEG_INF)
+            tile_max = tl.max(z, axis=1)
+            m_new = tl.maximum(m, tile_max)
+            # A row whose logits so far are all -inf keeps total = 0 (exp(-inf - 0)), as torch.
+            m_ref = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            total = total * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
+            m = m_new
+            if HARD:
+                tile_k = tl.min(tl.where(z == tile_max[:, None], ks[None, :], _NO_BIN), axis=1)
+                better = tile_max > best  # strict: an equal later maximum loses the tie
+                best_k = tl.where(better, tile_k, best_k)
+                best = tl.where(better, tile_max, best)
+        lse = m + tl.log(total)
+        tl.store(lse_ptr + rows * C + h, lse, mask=row_mask)
+        # Rows with a non-finite lse poison the histogram (the reduce kernel makes it NaN).
+        finite = (lse - lse) == 0
+        bad += (row_mask & (finite == 0)).to(tl.int32)
+
+        # Pass 2: this block's column sums of e (one-hot or y = exp(z - lse)), added to the
+        # program's partial row (read back from the second block on; the same threads wrote it).
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            if HARD:
+                hits = (best_k[:, None] == ks[None, :]) & row_mask[:, None]
+                column = tl.sum(hits.to(ACC), axis=0)
+            else:
+                s, z = _logits_tile(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, rows,
+                                    noise_rows, row_mask, scale, h, k0, D, K, C, Q, tau, seed_lo,
+                                    seed_hi, ACC, DOT, PRECISION, ROUND_TF32, HAS_SCALE, NOISE,
+                                    BLOCK_B, BLOCK_K, BLOCK_D)
+                y = tl.where(row_mask[:, None], tl.exp(z - lse[:, None]), 0.0)
+                column = tl.sum(y, axis=0)
+            pointers = part_ptr + (pid_b * C + h) * K + ks
+            column += tl.load(pointers, mask=(ks < K) & (block != pid_b), other=0.0)
+            tl.store(pointers, column, mask=ks < K)
+    tl.store(bad_ptr + pid_b * C + h, tl.sum(bad, axis=0))
+
+
+@_jit(do_not_specialize=["B", "num_partials"])
+def _reduce_kernel(part_ptr, bad_ptr, hist_ptr, B, num_partials, C, K,
+                   ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """histogram[h, k] = sum of the partial histograms (in order) / B; all NaN if any row of
+    any head has a non-finite lse (the package's rule: such a row makes the histogram NaN)."""
+    h = tl.program_id(0)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), ACC)
+    bad = tl.zeros((BLOCK_N,), tl.int32)
+    for i0 in range(0, num_partials, BLOCK_N):
+        blocks = i0 + tl.arange(0, BLOCK_N)
+        b_mask = blocks < num_partials
+        acc += tl.load(part_ptr + (blocks.to(tl.int64)[:, None] * C + h) * K + ks[None, :],
+                       mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+    for i0 in range(0, num_partials * C, BLOCK_N):
+        flat = i0 + tl.arange(0, BLOCK_N)
+        bad += tl.load(bad_ptr + flat, mask=flat < num_partials * C, other=0)
+    column = tl.sum(acc, axis=0) / B
+    column = tl.where(tl.sum(bad, axis=0) > 0, _NAN, column)
+    tl.store(hist_ptr + h * K + ks, column, mask=k_mask)
+
+
+# --------------------------------------------------------------------------------- backward
+
+@_jit(do_not_specialize=["row_start", "row_stop", "seed_lo", "seed_hi", "row_offset"])
+def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr, grad_ptr,
+                    delta_ptr, ld_delta, t_ptr, scale_ptr, row_start, row_stop, D, K, C,
+                    tau_hi, tau_lo, seed_lo, seed_hi, row_offset,
+                    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                    ROUND_TF32: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, NOISE: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For rows [row_start, row_stop) and head h, into the chunk's scratch: y (G - e) with
+    y = exp(z - lse) and e = sum_k y G; for cosine also t = sum_k y (G - e) s and a_b."""
+    pid_b = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = row_start + pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_mask = rows < row_stop
+    local = rows - row_start
+    tau = tl.cast(tau_hi, ACC) + tl.cast(tau_lo, ACC)
+    Q = (K + 3) // 4
+    if HAS_SCALE:
+        scale = _row_scale(r_ptr, stride_rb, stride_rd, rows, row_mask, D, ACC, BLOCK_B, BLOCK_D)
+        tl.store(scale_ptr + rows, scale, mask=row_mask & (h == 0))
+    else:
+        scale = tl.full((BLOCK_B,), 1.0, ACC)
+    lse = tl.load(lse_ptr + rows * C + h, mask=row_mask, other=0.0)
+    e = tl.zeros((BLOCK_B,), ACC)
+    gs = tl.zeros((BLOCK_B,), ACC)
+    ys = tl.zeros((BLOCK_B,), ACC)
+    # Pass 1: recompute the logits, store y, accumulate e (and the cosine sums).
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        s, z = _logits_tile(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, rows,
+                            rows + row_offset, row_mask, scale, h, k0, D, K, C, Q, tau, seed_lo,
+                            seed_hi, ACC, DOT, PRECISION, ROUND_TF32, HAS_SCALE, NOISE, BLOCK_B,
+                            BLOCK_K, BLOCK_D)
+        mask = row_mask[:, None] & k_mask[None, :]
+        y = tl.where(mask, tl.exp(z - lse[:, None]), 0.0)
+        g = tl.load(grad_ptr + h * K + ks, mask=k_mask, other=0.0)
+        yg = y * g[None, :]
+        e += tl.sum(yg, axis=1)
+        if HAS_SCALE:
+            gs += tl.sum(yg * s, axis=1)
+            ys += tl.sum(y * s, axis=1)
+        tl.store(delta_ptr + local[:, None] * ld_delta + (h * K + ks)[None, :], y.to(DOT),
+                 mask=mask)
+    if HAS_SCALE:
+        # G is centred per head by the launcher, which keeps this difference well conditioned.
+        tl.store(t_ptr + rows * C + h, gs - e * ys, mask=row_mask)
+    # Pass 2: y -> y (G - e) in place. The tiles were just written by this program (still in
+    # L2); the barrier makes other threads' stores visible before they are read back.
+    tl.debug_barrier()
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        mask = row_mask[:, None] & k_mask[None, :]
+        pointers = delta_ptr + local[:, None] * ld_delta + (h * K + ks)[None, :]
+        y = tl.load(pointers, mask=mask, other=0.0).to(ACC)
+        g = tl.load(grad_ptr + h * K + ks, mask=k_mask, other=0.0)
+        delta = (y * (g[None, :] - e[:, None])).to(DOT)
+        if ROUND_TF32:  # the GEMM's operand, exactly representable in TF32
+            delta = _round_to_tf32(delta)
+        tl.store(pointers, delta, mask=mask)
+
+
+@_jit(do_not_specialize=["row_start", "row_stop"])
+def _grad_kernel(delta_ptr, ld_delta, vt_ptr, ld_v, t_ptr, scale_ptr, r_ptr, stride_rb, stride_rd,
+                 out_ptr, stride_ob, stride_od, row_start, row_stop, D, CK, C, inv_hi, inv_lo,
+                 ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """A GEMM over the C * K bins with an epilogue: for the chunk's rows,
+    dr = (a / (B tau)) [y (G - e)] . vt  -  [cosine] (a^2 / (B tau)) (sum_h t) r."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = row_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < row_stop
+    local = rows - row_start
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < D
+    ks = tl.arange(0, BLOCK_K)
+    # The scratch and vt hold < 2^31 elements (the launcher caps the scratch): 32-bit offsets.
+    delta_ptrs = delta_ptr + local.to(tl.int32)[:, None] * ld_delta + ks[None, :]
+    v_ptrs = vt_ptr + ks[:, None] * ld_v + cols[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    for k0 in range(0, CK, BLOCK_K):
+        k_mask = (k0 + ks) < CK
+        delta = tl.load(delta_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(delta, v, acc, input_precision=PRECISION)
+        delta_ptrs += BLOCK_K
+        v_ptrs += BLOCK_K * ld_v
+    inv = tl.cast(inv_hi, ACC) + tl.cast(inv_lo, ACC)  # 1 / (B tau)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
+        t = tl.zeros((BLOCK_M,), ACC)
+        for h in range(0, C):
+            t += tl.load(t_ptr + rows * C + h, mask=row_mask, other=0.0)
+        r = tl.load(r_ptr + rows[:, None] * stride_rb + cols[None, :] * stride_rd,
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(ACC)
+        dr = acc * (scale * inv)[:, None] - (scale * scale * t * inv)[:, None] * r
+    else:
+        dr = acc * inv
+    tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_od,
+             dr.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+# -------------------------------------------------------------------------------- launchers
+
+def _interpreting() -> bool:
+    """True when the kernels were decorated in interpreter mode (TRITON_INTERPRET=1)."""
+    return triton is not None and type(_forward_kernel).__name__ == "InterpretedFunction"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _interpreting():
+            return ("TRITON_INTERPRET=1 was set when fierce_ext.backends.fused_triton was "
+                    "imported: the kernels run in the CPU interpreter; unset it to compile them "
+                    "for the GPU")
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        return None
+    if device.type == "cpu":
+        if _interpreting():
+            return None
+        return ("Triton kernels need a GPU; on a CPU they run only in Triton's interpreter "
+                "(set TRITON_INTERPRET=1 before fierce_ext.backends.fused_triton is imported)")
+    return f"the Triton backend supports CUDA (and the CPU interpreter), not {device.type!r}"
+
+
+def _check_runnable(tensor: torch.Tensor) -> None:
+    reason = unavailable_reason(tensor.device)
+    if reason is not None:
+        raise RuntimeError(f"backend 'triton' cannot run on {tensor.device}: {reason}")
+
+
+def _compute_dtype(features: torch.Tensor) -> torch.dtype:
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+_TL_DTYPES = {}
+if triton is not None:
+    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                  torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _dot_dtype(features: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMM operands are multiplied in: the features' own, except that the
+    interpreter's bf16 dot is broken (upcast to fp32 there)."""
+    if features.dtype == torch.bfloat16 and _interpreting():
+        return torch.float32
+    if features.dtype in (torch.float16, torch.bfloat16, torch.float64):
+        return features.dtype
+    return torch.float32
+
+
+def _precision(dot_dtype: torch.dtype) -> str:
+    if dot_dtype == torch.float64:
+        return "ieee"
+    if dot_dtype != torch.float32:
+        return "tf32"  # Triton's default; only fp32 operands read it
+    if FP32_PRECISION is None:
+        return _precision_from_env()
+    if FP32_PRECISION not in FP32_PRECISIONS:
+        raise ValueError(f"fused_triton.FP32_PRECISION must be one of {FP32_PRECISIONS} or "
+                         f"None, got {FP32_PRECISION!r}")
+    return FP32_PRECISION
+
+
+def _split_float(value: float) -> tuple[float, float]:
+    """value as hi + lo, two float32s (Triton passes Python floats as fp32; the float64 kernels
+    add both halves back and keep about 48 bits)."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+def _seed_words(seed: int) -> tuple[int, int]:
+    """The Philox key as two int32 (bit patterns of seed mod 2^32 and seed div 2^32), so the
+    kernel argument types never change with the seed's value."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+    words = [seed & _MASK32, (seed >> 32) & _MASK32]
+    return tuple(w - 2**32 if w >= 2**31 else w for w in words)
+
+
+def _pow2(n: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(1, n))))
+
+
+def _device_guard(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _round_up16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def _round_to_tf32_torch(x: torch.Tensor) -> torch.Tensor:
+    """_round_to_tf32 for a float32 torch tensor."""
+    rounded = ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded)
+
+
+class _Projected:
+    """The dictionary in kernel form: vt (C*K, D) in the dot dtype, its rows padded with zeros
+    to a multiple of 16 elements (aligned rows let Triton use vector and async copies), rounded
+    to TF32 for the tf32 precision, and the bias (C, K)."""
+
+    def __init__(self, dictionary, similarity, compute_dtype, dot_dtype, round_tf32):
+        heads, dim, bins = dictionary.shape
+        v, bias = project_dictionary(dictionary, similarity, compute_dtype)
+        if heads * bins * _round_up16(dim) >= 2**31:
+            raise ValueError(f"dictionary of shape {tuple(dictionary.shape)} is too large for "
+                             "the Triton backend (C * K * D must stay below 2^31)")
+        self.vt = torch.zeros(heads * bins, _round_up16(dim), dtype=dot_dtype,
+                              device=dictionary.device)
+        self.vt[:, :dim] = v.permute(0, 2, 1).reshape(heads * bins, dim)
+        if round_tf32:
+            self.vt = _round_to_tf32_torch(self.vt)
+        # Zeros for dot and cosine: the kernels always add it (one specialisation fewer).
+        self.bias = (torch.zeros(heads, bins, dtype=compute_dtype, device=dictionary.device)
+                     if bias is None else bias.contiguous())
+        self.heads, self.dim, self.bins = heads, dim, bins
+
+
+# The projected dictionary per (dictionary tensor, version, similarity, dtypes): the dictionary
+# is a fixed buffer, so training steps reuse one projection. The weak reference and the version
+# counter make a freed, replaced or modified tensor miss the cache (changes made through
+# `.data`, which bypass the version counter, are not seen).
+_PROJECTION_CACHE: dict = {}
+_PROJECTION_CACHE_SIZE = 8
+
+
+def _projected(dictionary, similarity, compute_dtype, dot_dtype, round_tf32) -> _Projected:
+    try:
+        version = dictionary._version
+    except Exception:  # inference-mode tensors have no version counter: do not cache
+        return _Projected(dictionary, similarity, compute_dtype, dot_dtype, round_tf32)
+    key = (id(dictionary), similarity, compute_dtype, dot_dtype, round_tf32)
+    entry = _PROJECTION_CACHE.get(key)
+    if entry is not None:
+        ref, cached_version, shape, projected = entry
+        if ref() is dictionary and cached_version == version and shape == dictionary.shape:
+            return projected
+    projected = _Projected(dictionary, similarity, compute_dtype, dot_dtype, round_tf32)
+    if len(_PROJECTION_CACHE) >= _PROJECTION_CACHE_SIZE:
+        _PROJECTION_CACHE.pop(next(iter(_PROJECTION_CACHE)))
+    _PROJECTION_CACHE[key] = (weakref.ref(dictionary), version, dictionary.shape, projected)
+    return projected
+
+
+def _check_estimator(estimator: str) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _forward_config(dot_dtype, rows, dim, heads, bins, device):
+    if _interpreting():  # few large programs: the interpreter's cost is per program and op
+        cap = INTERPRETER_MAX_BLOCK
+        return dict(BLOCK_B=_pow2(rows, 16, cap["rows"]), BLOCK_K=_pow2(bins, 16, cap["bins"]),
+                    BLOCK_D=_pow2(dim, 16, cap["dim"])), {}
+    if dot_dtype == torch.float64:
+        return dict(BLOCK_B=32, BLOCK_K=32, BLOCK_D=16), dict(num_warps=4, num_stages=2)
+    block_d = 64 if dot_dtype in (torch.float16, torch.bfloat16) else 32
+    # Small batches (the few-shot shape: 256 rows, one head) would leave most SMs idle.
+    block_b = 64 if triton.cdiv(rows, 64) * heads >= _multiprocessors(device) else 32
+    return (dict(BLOCK_B=block_b, BLOCK_K=_pow2(bins, 16, 128), BLOCK_D=_pow2(dim, 16, block_d)),
+            dict(num_warps=8 if block_b == 64 else 4, num_stages=3))
+
+
+def _grad_config(dot_dtype, rows, dim, heads, bins, device):
+    if _interpreting():
+        cap = INTERPRETER_MAX_BLOCK
+        return dict(BLOCK_M=_pow2(rows, 16, cap["rows"]), BLOCK_N=_pow2(dim, 16, cap["dim"]),
+                    BLOCK_K=_pow2(heads * bins, 16, cap["bins"])), {}
+    if dot_dtype == torch.float64:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16), dict(num_warps=4, num_stages=2)
+    block_k = 64 if dot_dtype in (torch.float16, torch.bfloat16) else 32
+    block_n = _pow2(dim, 16, 128)
+    tiles = triton.cdiv(rows, 128) * triton.cdiv(dim, block_n)
+    block_m = 128 if tiles >= _multiprocessors(device) else 64
+    return (dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(heads * bins, 16, block_k)),
+            dict(num_warps=8 if block_m == 128 else 4, num_stages=3))
+
+
+def histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
+    _check_estimator(estimator)
+    _check_runnable(features)
+    compute_dtype = _compute_dtype(features)
+    dot_dtype = _dot_dtype(features)
+    precision = _precision(dot_dtype)
+    round_tf32 = dot_dtype == torch.float32 and precision == "tf32"
+    proj = _projected(dictionary, similarity, compute_dtype, dot_dtype, round_tf32)
+    rows, dim = features.shape
+    heads, bins = proj.heads, proj.bins
+    device = features.device
+    blocks, launch = _forward_config(dot_dtype, rows, dim, heads, bins, device)
+    num_blocks = triton.cdiv(rows, blocks["BLOCK_B"])
+    programs = min(num_blocks, MAX_ROW_PROGRAMS)  # partial histograms: programs x C x K
+    lse = torch.empty(rows, heads, dtype=compute_dtype, device=device)
+    partial = torch.empty(programs, heads, bins, dtype=compute_dtype, device=device)
+    bad = torch.empty(programs, heads, dtype=torch.int32, device=device)
+    histogram = torch.empty(heads, bins, dtype=compute_dtype, device=device)
+    tau_hi, tau_lo = _split_float(tau)
+    seed_lo, seed_hi = _seed_words(seed)
+    acc, hard = _TL_DTYPES[compute_dtype], estimator == "gumbel_hard"
+    with _device_guard(device):
+        _forward_kernel[(programs, heads)](
+            features, features.stride(0), features.stride(1), proj.vt, proj.vt.stride(0),
+            proj.bias, lse, partial, bad, rows, num_blocks, dim, bins, heads, tau_hi, tau_lo,
+            seed_lo, seed_hi, row_offset, ACC=acc, DOT=_TL_DTYPES[dot_dtype],
+            PRECISION=precision, ROUND_TF32=round_tf32, HAS_SCALE=similarity == "cosine",
+            NOISE=estimator != "softmax", HARD=hard, **blocks, **launch)
+        if _interpreting():
+            cap = INTERPRETER_MAX_BLOCK
+            reduce_blocks = dict(BLOCK_N=_pow2(programs, 16, cap["rows"]),
+                                 BLOCK_K=_pow2(bins, 16, cap["bins"]))
+        else:
+            reduce_blocks = dict(BLOCK_N=32, BLOCK_K=_pow2(bins, 16, 128))
+        _reduce_kernel[(heads, triton.cdiv(bins, reduce_blocks["BLOCK_K"]))](
+            partial, bad, histogram, rows, programs, heads, bins, ACC=acc, **reduce_blocks)
+    return histogram, lse
+
+
+def _chunk_rows(rows, heads, bins, dim, dot_dtype, out_dtype, align):
+    """Rows per backward chunk: the y scratch within its budget, a multiple of `align`."""
+    scratch_row = _round_up16(heads * bins) * torch.finfo(dot_dtype).bits // 8
+    grad_bytes = rows * dim * torch.finfo(out_dtype).bits // 8
+    budget = max(SCRATCH_MIN_BYTES, int(SCRATCH_FRACTION * grad_bytes))
+    step = max(align, budget // scratch_row // align * align)
+    # 32-bit offsets in the kernels: the scratch stays below 2^31 elements.
+    step = min(step, max(align, (2**31 - 1) // _round_up16(heads * bins) // align * align))
+    return min(step, triton.cdiv(rows, align) * align)
+
+
+def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
+                       seed, row_offset):
+    _check_estimator(estimator)
+    _check_runnable(features)
+    compute_dtype = _compute_dtype(features)
+    dot_dtype = _dot_dtype(features)
+    precision = _precision(dot_dtype)
+    round_tf32 = dot_dtype == torch.float32 and precision == "tf32"
+    proj = _projected(dictionary, similarity, compute_dtype, dot_dtype, round_tf32)
+    rows, dim = features.shape
+    heads, bins = proj.heads, proj.bins
+    device = features.device
+    # delta is invariant to a per-head shift of G; centring keeps e and t well conditioned.
+    grad = grad_histogram.to(compute_dtype)
+    grad = (grad - grad.mean(dim=1, keepdim=True)).contiguous()
+    lse = lse.to(compute_dtype).contiguous()
+    fwd_blocks, fwd_launch = _forward_config(dot_dtype, rows, dim, heads, bins, device)
+    grad_blocks, grad_launch = _grad_config(dot_dtype, rows, dim, heads, bins, device)
+    align = max(fwd_blocks["BLOCK_B"], grad_blocks["BLOCK_M"])
+    step = _chunk_rows(rows, heads, bins, dim, dot_dtype, features.dtype, align)
+    # Scratch rows padded to 16 elements, like vt's, for aligned loads in the GEMM.
+    delta = torch.empty(min(step, rows), _round_up16(heads * bins), dtype=dot_dtype,
+                        device=device)
+    cosine = similarity == "cosine"
+    t = torch.empty(rows, heads, dtype=compute_dtype, device=device) if cosine else lse
+    scale = torch.empty(rows, dtype=compute_dtype, device=device) if cosine else lse
+    grad_features = torch.empty(rows, dim, dtype=features.dtype, device=device)
+    tau_hi, tau_lo = _split_float(tau)
+    inv_hi, inv_lo = _split_float(1.0 / (rows * tau))
+    seed_lo, seed_hi = _seed_words(seed)
+    acc, dot = _TL_DTYPES[compute_dtype], _TL_DTYPES[dot_dtype]
+    with _device_guard(device):
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            _softmax_kernel[(triton.cdiv(stop - start, fwd_blocks["BLOCK_B"]), heads)](
+                features, features.stride(0), features.stride(1), proj.vt, proj.vt.stride(0),
+                proj.bias, lse, grad, delta, delta.stride(0), t, scale, start, stop, dim, bins,
+                heads, tau_hi, tau_lo, seed_lo, seed_hi, row_offset, ACC=acc, DOT=dot,
+                PRECISION=precision, ROUND_TF32=round_tf32, HAS_SCALE=cosine,
+                NOISE=estimator != "softmax",
+                **fwd_blocks, **fwd_launch)
+            grid = (triton.cdiv(stop - start, grad_blocks["BLOCK_M"]),
+                    triton.cdiv(dim, grad_blocks["BLOCK_N"]))
+            _grad_kernel[grid](
+                delta, delta.stride(0), proj.vt, proj.vt.stride(0), t, scale, features,
+                features.stride(0), features.stride(1),
+                grad_features, grad_features.stride(0), grad_features.stride(1), start, stop,
+                dim, heads * bins, heads, inv_hi, inv_lo, ACC=acc, DOT=dot, PRECISION=precision,
+                HAS_SCALE=cosine, **grad_blocks, **grad_launch)
+    return grad_features
+
+
+def noise_words(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """The noise words x[b, h, k] as the kernels draw them, (rows, heads, bins) int64: a debug
+    launcher to compare with fierce_ext.noise.random_words."""
+    device = torch.device(device)
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend 'triton' cannot run on {device}: {reason}")
+    out = torch.empty(rows, heads, bins, dtype=torch.int64, device=device)
+    if _interpreting():
+        block_b = _pow2(rows, 16, INTERPRETER_MAX_BLOCK["rows"])
+        block_k = _pow2(bins, 16, INTERPRETER_MAX_BLOCK["bins"])
+    else:
+        block_b, block_k = 32, 128
+    seed_lo, seed_hi = _seed_words(seed)
+    with _device_guard(device):
+        noise_words_kernel[(triton.cdiv(rows, block_b), heads)](
+            out, rows, heads, bins, (bins + 3) // 4, seed_lo, seed_hi, row_offset,
+            BLOCK_B=block_b, BLOCK_K=block_k)
+    return out

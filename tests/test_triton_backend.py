@@ -1,0 +1,460 @@
+"""The Triton backend (fierce_ext/backends/fused_triton.py) against the reference backend.
+
+Without CUDA the kernels run in Triton's interpreter: TRITON_INTERPRET=1 is set here (and in
+tests/conftest.py) before the backend is first imported. With CUDA and the interpreter off they
+run compiled on the GPU with exact fp32 multiplies, so this module doubles as a small-shape GPU
+test. Shapes are small and ragged (not multiples of 16); `tiles` lowers the interpreter's block
+caps so that the multi-tile, multi-block and multi-chunk paths run on these small shapes.
+
+Tolerance rule: the backend is compared with the reference backend run in float64 on the same
+(already rounded) inputs. With eps the unit roundoff of the compute dtype (2^-53 or 2^-24), u
+that of the dot operands (float64/float32: (D + 2) eps for the accumulation; float16: 2^-11 and
+bfloat16: 2^-8 for the rounded dictionary), and
+    zerr = (u + 4 eps) (max_b a_b |r_b| . max|v| + max|c| + max|g|) / tau,
+a bound on the error of every logit z = (a r.v + c + g) / tau:
+* hard histogram: float64 EXACTLY equal (the test asserts that its data hold no near-tie within
+  1e-9); otherwise a row may change bin only if its float64 top-2 margin is below 2 zerr, so per
+  head B * sum_k |dp| / 2 <= the number of such rows (+ 1/4 for the rounding of counts / B);
+* soft histogram: |dp| <= (exp(2 zerr) - 1) p + 4 eps;
+* lse (the torch backend's, same projected form): |d lse| <= zerr + 4 eps (1 + |lse|);
+* gradient, per element: |dg| <= 8 (zerr + u) M + u_out |g| + 1e-30, with
+  M_bd = a_b sum_hk m_bhk |v_hdk| (+ a_b^2 sum_hk m_bhk |s| |r_bd| for cosine) the magnitude of
+  the terms the GEMM sums, m = y (|G - e| + sum_j y_j |G_j - mean G|) / (B tau) (|delta| plus
+  the effect of an error in e = sum_k y G), and u_out the unit roundoff of the gradient's dtype.
+A wrong formula, sign, noise index or mask is off by O(1), far outside these.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():  # before the first import of the kernels (see conftest.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (pip install fierce_ext[triton])")
+
+import fierce_ext  # noqa: E402
+from fierce_ext.backends import chunked, reference  # noqa: E402
+from fierce_ext.backends import fused_triton as ft  # noqa: E402
+from fierce_ext.dictionary import bin_dictionary, project_dictionary, row_scale  # noqa: E402
+from fierce_ext.noise import SEED_LIMIT, random_words  # noqa: E402
+from oracle import ESTIMATORS, SIMILARITIES, numpy_random_words, top2_margin  # noqa: E402
+
+if ft.unavailable_reason(torch.device("cpu")) is None:
+    DEVICE = torch.device("cpu")
+elif torch.cuda.is_available() and ft.unavailable_reason(torch.device("cuda")) is None:
+    DEVICE = torch.device("cuda")
+else:  # a misconfigured run (e.g. TRITON_INTERPRET=0 without a GPU) must fail, not skip
+    raise RuntimeError("the Triton backend runs neither on cpu nor on cuda here: "
+                       f"{ft.unavailable_reason(torch.device('cpu'))}")
+
+EPS32 = 2.0**-24
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24,
+                 torch.float64: 2.0**-53}
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32(monkeypatch):
+    # The tolerance model assumes exact fp32 multiplies (TF32 is covered by tests/gpu).
+    monkeypatch.setattr(ft, "FP32_PRECISION", "ieee")
+
+
+@pytest.fixture
+def tiles(monkeypatch):
+    """16-wide tiles in the interpreter (GPU tiles are fixed), two forward programs per head
+    (each summing several row blocks) and a backward scratch of one block of rows, so small
+    shapes run several row blocks, bin tiles, D tiles and chunks."""
+    monkeypatch.setattr(ft, "INTERPRETER_MAX_BLOCK", {"rows": 16, "bins": 16, "dim": 16})
+    monkeypatch.setattr(ft, "MAX_ROW_PROGRAMS", 2)
+    monkeypatch.setattr(ft, "SCRATCH_MIN_BYTES", 1)
+    monkeypatch.setattr(ft, "SCRATCH_FRACTION", 0.0)
+
+
+def make_problem(rows, dim, heads, bins, dtype=torch.float64, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    features = (torch.randn(rows, dim, generator=gen, dtype=torch.float64) * scale)
+    dictionary = 2 * torch.rand(heads, dim, bins, generator=gen, dtype=torch.float64) - 1
+    grad = torch.randn(heads, bins, generator=gen, dtype=torch.float64)
+    return (features.to(dtype).to(DEVICE), dictionary.to(dtype).to(DEVICE),
+            grad.to(DEVICE))
+
+
+def run_triton(features, dictionary, grad, similarity, estimator, tau, seed, row_offset):
+    hist, lse = ft.histogram_forward(features, dictionary, similarity, estimator, tau, seed,
+                                     row_offset)
+    grad_features = ft.histogram_backward(grad.to(hist.dtype), features, dictionary, lse,
+                                          similarity, estimator, tau, seed, row_offset)
+    return hist, lse, grad_features
+
+
+def run_reference64(features, dictionary, grad, similarity, estimator, tau, seed, row_offset):
+    """The reference backend in float64 on the same rounded inputs; lse from the torch backend
+    (the fast backends' lse is that of the projected similarity, which drops a per-row
+    constant for `distance`)."""
+    r, w = features.double(), dictionary.double()
+    hist, ref_lse = reference.histogram_forward(r, w, similarity, estimator, tau, seed,
+                                                row_offset)
+    grad_features = reference.histogram_backward(grad, r, w, ref_lse, similarity, estimator,
+                                                 tau, seed, row_offset)
+    _, lse = chunked.histogram_forward(r, w, similarity, estimator, tau, seed, row_offset)
+    return hist, lse, grad_features
+
+
+def logits64(features, dictionary, similarity, estimator, tau, seed, row_offset):
+    """(z, s, v, a): float64 logits of the projected form, similarity, projected dictionary
+    and row scale."""
+    r = features.double()
+    v, bias = project_dictionary(dictionary, similarity, torch.float64)
+    s = torch.einsum("bd,hdk->bhk", r, v)
+    a = row_scale(r, similarity)
+    if a is not None:
+        s = s * a[:, :, None]
+    if bias is not None:
+        s = s + bias
+    z = s
+    if estimator != "softmax":
+        rows, heads, bins = s.shape
+        z = s + fierce_ext.noise.gumbel_noise(seed, rows, heads, bins, row_offset,
+                                              device=s.device, dtype=torch.float64)
+    a = torch.ones(r.shape[0], 1, dtype=torch.float64, device=r.device) if a is None else a
+    return z / tau, s, v, a[:, 0]
+
+
+def check_against_reference(features, dictionary, grad, similarity, estimator, tau=0.7,
+                            seed=2**40 + 12345, row_offset=5, u=None):
+    """Runs both backends and asserts the tolerance rule of this module's docstring."""
+    hist, lse, grad_features = run_triton(features, dictionary, grad, similarity, estimator,
+                                          tau, seed, row_offset)
+    want_hist, want_lse, want_grad = run_reference64(features, dictionary, grad, similarity,
+                                                     estimator, tau, seed, row_offset)
+    compute = torch.float64 if features.dtype == torch.float64 else torch.float32
+    assert hist.dtype == lse.dtype == compute and grad_features.dtype == features.dtype
+    assert hist.shape == want_hist.shape and lse.shape == want_lse.shape
+    assert grad_features.shape == features.shape
+    z, s, v, a = logits64(features, dictionary, similarity, estimator, tau, seed, row_offset)
+    rows, dim = features.shape
+    margin = top2_margin(z)
+    eps = 2.0**-53 if features.dtype == torch.float64 else 2.0**-24
+    if u is None:
+        u = UNIT_ROUNDOFF[features.dtype]
+        if features.dtype in (torch.float32, torch.float64):
+            u = (dim + 2) * eps
+    reach = (features.double().abs() @ v.abs().amax(dim=(0, 2))[:, None])[:, 0]
+    _, bias = project_dictionary(dictionary, similarity, torch.float64)
+    noise = 17.0 if estimator != "softmax" else 0.0  # |g| <= -log(-log(1 - 2^-24)) < 17
+    size = ((a * reach).max().item() + (0 if bias is None else bias.abs().max().item())
+            + noise)
+    zerr = (u + 4 * eps) * size / tau
+    if estimator == "gumbel_hard":
+        if features.dtype == torch.float64:
+            assert margin.min() > 1e-9, "test data holds a float64 near-tie"
+            assert torch.equal(hist, want_hist)
+        near_ties = (margin < 2 * zerr).sum(dim=0).double()  # per head
+        flips = (hist.double() - want_hist).abs().sum(dim=1) * rows / 2
+        assert (flips <= near_ties + 0.25).all(), (flips, near_ties)  # flips are whole rows
+    else:
+        bound = (math.exp(2 * zerr) - 1) * want_hist + 4 * eps
+        assert ((hist.double() - want_hist).abs() <= bound).all(), \
+            ((hist.double() - want_hist).abs().max(), zerr)
+    assert ((lse.double() - want_lse).abs() <= zerr + 4 * eps * (1 + want_lse.abs())).all()
+    y = torch.softmax(z, dim=-1)
+    g = grad.double()
+    g_centred = g - g.mean(dim=1, keepdim=True)
+    # |delta| plus what an error in e = sum_k y G moves it by: y sum_j y_j |G_j| (G centred).
+    weight = y * ((g - (y * g).sum(dim=-1, keepdim=True)).abs()
+                  + (y * g_centred.abs()).sum(dim=-1, keepdim=True)) / (rows * tau)
+    magnitude = a[:, None] * torch.einsum("bhk,hdk->bd", weight, v.abs())
+    if similarity == "cosine":
+        magnitude += (a * a * (weight * s.abs()).sum(dim=(1, 2)))[:, None] \
+            * features.double().abs()
+    u_out = UNIT_ROUNDOFF[features.dtype]
+    bound = 8 * (zerr + u) * magnitude + u_out * want_grad.abs() + 1e-30
+    err = (grad_features.double() - want_grad).abs()
+    assert (err <= bound).all(), (err.max(), (err / bound).max())
+
+
+# ------------------------------------------------------------------------------------ noise
+
+@pytest.mark.parametrize("seed, rows, heads, bins, row_offset", [
+    (0, 5, 1, 1, 0),
+    (12345, 7, 3, 13, 0),
+    (SEED_LIMIT - 1, 9, 2, 17, 11),
+    (0x7ABCDEF0_89ABCDEF, 4, 5, 32, 2**33 + 3),  # key words >= 2^31, counters >= 2^32
+])
+def test_noise_words_are_the_noise_rule(seed, rows, heads, bins, row_offset):
+    words = ft.noise_words(seed, rows, heads, bins, row_offset, device=DEVICE).cpu()
+    assert words.dtype == torch.int64 and words.shape == (rows, heads, bins)
+    assert torch.equal(words, random_words(seed, rows, heads, bins, row_offset))
+    assert torch.equal(words, torch.from_numpy(
+        numpy_random_words(seed, rows, heads, bins, row_offset).astype("int64")))
+
+
+def test_noise_words_across_tiles(tiles):
+    words = ft.noise_words(987654321, 20, 2, 37, 7, device=DEVICE).cpu()
+    assert torch.equal(words, random_words(987654321, 20, 2, 37, 7))
+
+
+# ------------------------------------------------------------------ against the reference
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_matches_reference(dtype, similarity, estimator):
+    features, dictionary, grad = make_problem(37, 11, 2, 23, dtype, seed=1)
+    check_against_reference(features, dictionary, grad, similarity, estimator)
+
+
+@pytest.mark.parametrize("dtype, similarity, estimator", [
+    (torch.float64, "cosine", "gumbel_hard"), (torch.float32, "distance", "gumbel_soft"),
+    (torch.float64, "dot", "softmax")], ids=["f64-cosine-hard", "f32-distance-soft",
+                                             "f64-dot-softmax"])
+def test_matches_reference_across_tiles_blocks_and_chunks(tiles, dtype, similarity, estimator):
+    # 40 rows: 3 row blocks (2 programs) and 3 backward chunks; D = 20: 2 D tiles; K = 21: 2
+    # bin tiles.
+    features, dictionary, grad = make_problem(40, 20, 2, 21, dtype, seed=2)
+    check_against_reference(features, dictionary, grad, similarity, estimator, tau=0.5,
+                            row_offset=123)
+
+
+@pytest.mark.parametrize("similarity, estimator", [("cosine", "gumbel_soft"), ("dot", "softmax")])
+def test_tf32_operands_rounded(monkeypatch, similarity, estimator):
+    # "tf32": both GEMM operands are rounded to TF32 (10-bit mantissa) before the tensor cores
+    # see them; the interpreter then multiplies them exactly, as tensor cores do. So here the
+    # result must differ from exact fp32 and meet the bound with u = 2 * 2^-11 per product.
+    features, dictionary, grad = make_problem(37, 11, 2, 23, torch.float32, seed=18)
+    exact = run_triton(features, dictionary, grad, similarity, estimator, 0.7, 3, 0)
+    monkeypatch.setattr(ft, "FP32_PRECISION", "tf32")
+    tf32 = run_triton(features, dictionary, grad, similarity, estimator, 0.7, 3, 0)
+    if DEVICE.type == "cpu":
+        assert not torch.equal(exact[1], tf32[1]) and not torch.equal(exact[2], tf32[2])
+    check_against_reference(features, dictionary, grad, similarity, estimator, seed=3,
+                            row_offset=0, u=2 * 2.0**-11 + 13 * EPS32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("similarity, estimator", [
+    ("dot", "gumbel_soft"), ("cosine", "gumbel_soft"), ("distance", "softmax"),
+    ("cosine", "gumbel_hard")])
+def test_low_precision_features(dtype, similarity, estimator):
+    features, dictionary, grad = make_problem(37, 11, 2, 23, dtype, seed=3)
+    check_against_reference(features, dictionary, grad, similarity, estimator)
+
+
+def test_float32_dictionary_with_half_features():
+    features, dictionary, grad = make_problem(37, 11, 2, 23, torch.float16, seed=4)
+    check_against_reference(features, dictionary.float(), grad, "cosine", "gumbel_soft")
+
+
+@pytest.mark.parametrize("rows, dim, heads, bins", [
+    (1, 5, 3, 1),     # one row, one bin: p = 1, zero gradient
+    (3, 2, 1, 2),
+    (19, 7, 4, 5),    # K = 5: the last Philox quad half used
+    (23, 300, 1, 9),  # D > 256: several D tiles at the default caps
+])
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_ragged_shapes(rows, dim, heads, bins, similarity):
+    features, dictionary, grad = make_problem(rows, dim, heads, bins, seed=rows + dim)
+    check_against_reference(features, dictionary, grad, similarity, "gumbel_hard")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_age_case_one_dimensional_features(dtype):
+    # The paper's age experiment: D = 1, bins at 1..100, distance logits -(f - bin)^2.
+    gen = torch.Generator().manual_seed(5)
+    features = (1 + 99 * torch.rand(50, 1, generator=gen, dtype=torch.float64)).to(dtype)
+    dictionary = bin_dictionary(100, 1, 100, dtype=dtype)
+    grad = torch.randn(1, 100, generator=gen, dtype=torch.float64)
+    for estimator in ("gumbel_hard", "softmax"):
+        check_against_reference(features.to(DEVICE), dictionary.to(DEVICE), grad.to(DEVICE),
+                                "distance", estimator, tau=1.0)
+
+
+def test_many_bins():
+    # K = 4100 > 4096: 17 bin tiles of the online log-sum-exp and argmax.
+    features, dictionary, grad = make_problem(9, 3, 1, 4100, seed=6)
+    check_against_reference(features, dictionary, grad, "dot", "gumbel_hard", tau=0.3)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+def test_non_contiguous_inputs(layout):
+    features, dictionary, grad = make_problem(21, 13, 2, 10, seed=7)
+    if layout == "transposed":
+        features = features.T.contiguous().T
+        dictionary = dictionary.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    elif layout == "strided":
+        wide = torch.zeros(21, 26, dtype=features.dtype, device=DEVICE)
+        wide[:, ::2] = features
+        features = wide[:, ::2]
+    else:
+        features = features[:1].expand(21, 13)
+    assert not features.is_contiguous()
+    check_against_reference(features, dictionary, grad, "cosine", "gumbel_soft")
+
+
+@pytest.mark.parametrize("seed", [0, 1, SEED_LIMIT - 1])
+def test_seed_extremes(seed):
+    features, dictionary, grad = make_problem(17, 6, 2, 11, seed=8)
+    check_against_reference(features, dictionary, grad, "dot", "gumbel_hard", seed=seed,
+                            row_offset=2**35)
+
+
+@pytest.mark.parametrize("tau", [0.05, 10.0])
+def test_temperatures(tau):
+    features, dictionary, grad = make_problem(17, 6, 2, 11, seed=9)
+    check_against_reference(features, dictionary, grad, "cosine", "gumbel_soft", tau=tau)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_hard_histogram_identical_to_torch_backend(dtype):
+    # Features near one atom each: every row's winner is far ahead of the runner-up, so both
+    # backends must pick the same bins, whatever their rounding.
+    gen = torch.Generator().manual_seed(10)
+    dictionary = 2 * torch.rand(2, 8, 12, generator=gen, dtype=torch.float64) - 1
+    pick = torch.randint(0, 12, (60,), generator=gen)
+    features = 3 * dictionary[0, :, pick].T + 0.01 * torch.randn(60, 8, generator=gen,
+                                                                   dtype=torch.float64)
+    features, dictionary = features.to(dtype).to(DEVICE), dictionary.to(dtype).to(DEVICE)
+    args = ("dot", "gumbel_hard", 0.5, 4242, 17)
+    z, *_ = logits64(features, dictionary, *args)
+    assert top2_margin(z).min() > 1e-3, "test data holds a near-tie"
+    hist, _ = ft.histogram_forward(features, dictionary, *args)
+    want, _ = chunked.histogram_forward(features, dictionary, *args)
+    assert torch.equal(hist, want)
+
+
+# ---------------------------------------------------------------------------- determinism
+
+def test_deterministic(tiles):
+    # Several row blocks (partial histograms) and backward chunks: bitwise equal run to run.
+    features, dictionary, grad = make_problem(40, 20, 2, 21, torch.float32, seed=11)
+    first = run_triton(features, dictionary, grad, "cosine", "gumbel_soft", 0.7, 99, 0)
+    second = run_triton(features, dictionary, grad, "cosine", "gumbel_soft", 0.7, 99, 0)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    # A different seed changes the draw (the seed reaches the kernels).
+    third, _ = ft.histogram_forward(features, dictionary, "cosine", "gumbel_soft", 0.7, 100, 0)
+    assert not torch.equal(first[0], third)
+
+
+# ---------------------------------------------------------------------------- NaN poisoning
+
+def _nan_cases():
+    features, dictionary, _ = make_problem(20, 5, 3, 7, torch.float32, seed=12)
+    nan_row = features.clone()
+    nan_row[4, 2] = float("nan")
+    inf_row = features.clone()
+    inf_row[9, 0] = float("inf")
+    nan_head = dictionary.clone()
+    nan_head[1, 3, 2] = float("nan")
+    return {"nan row": (nan_row, dictionary), "inf row": (inf_row, dictionary),
+            "nan atom": (features, nan_head)}
+
+
+@pytest.mark.parametrize("case", ["nan row", "inf row", "nan atom"])
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("estimator", ["gumbel_hard", "gumbel_soft"])
+def test_nan_poisoning(case, similarity, estimator):
+    # The package's rule: a row whose logits are not all finite makes the whole histogram NaN.
+    # (The torch backend's soft path NaNs only some bins for an inf feature, or one head for a
+    # NaN atom: this checks that wherever it has a NaN, this backend is all NaN.)
+    features, dictionary = _nan_cases()[case]
+    grad = torch.randn(3, 7, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    args = (similarity, estimator, 0.7, 77, 0)
+    hist, lse, grad_features = run_triton(features, dictionary, grad, *args)
+    want_hist, want_lse = chunked.histogram_forward(features, dictionary, *args)
+    want_grad = chunked.histogram_backward(grad, features, dictionary, want_lse, *args)
+    assert torch.isnan(want_hist).any(), "the case must poison the torch backend"
+    assert torch.isnan(hist).all()
+    # A poisoned row's gradient is not finite; the other rows' gradients stay finite.
+    assert torch.equal(torch.isfinite(grad_features).all(dim=1),
+                       torch.isfinite(want_grad).all(dim=1))
+
+
+@pytest.mark.parametrize("estimator", ["softmax", "gumbel_hard"])
+def test_minus_inf_logits_do_not_poison(tiles, estimator):
+    # Bins 0..15 (the whole first 16-wide bin tile) have logit -inf, the others are finite:
+    # like torch, y = 0 there and the lse stays finite (the online log-sum-exp must not form
+    # exp(-inf - (-inf)) = NaN while its running maximum is still -inf).
+    features = torch.tensor([[1.0, 2.0], [0.5, -1.0], [2.0, 0.25]], dtype=torch.float64)
+    dictionary = torch.rand(1, 2, 20, generator=torch.Generator().manual_seed(17),
+                            dtype=torch.float64)
+    dictionary[0, 0, :16], dictionary[0, 1, :16] = -float("inf"), 0.0
+    features, dictionary = features.to(DEVICE), dictionary.to(DEVICE)
+    args = ("dot", estimator, 1.0, 5, 0)
+    hist, lse = ft.histogram_forward(features, dictionary, *args)
+    want_hist, want_lse = chunked.histogram_forward(features, dictionary, *args)
+    assert torch.isfinite(want_lse).all() and (want_hist[0, :16] == 0).all()
+    torch.testing.assert_close(hist, want_hist, rtol=0, atol=1e-14)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-14, atol=1e-14)
+
+
+# ------------------------------------------------------------------ through the public API
+
+def test_public_api_autograd():
+    features, dictionary, _ = make_problem(29, 9, 2, 15, seed=14)
+    features.requires_grad_(True)
+    entropy = fierce_ext.histogram_entropy(fierce_ext.histogram(
+        features, dictionary, similarity="cosine", estimator="gumbel_hard", tau=0.5, seed=3,
+        backend="triton"))
+    (grad,) = torch.autograd.grad(entropy, features)
+    features_ref = features.detach().clone().requires_grad_(True)
+    entropy_ref = fierce_ext.histogram_entropy(fierce_ext.histogram(
+        features_ref, dictionary, similarity="cosine", estimator="gumbel_hard", tau=0.5, seed=3,
+        backend="reference"))
+    (grad_ref,) = torch.autograd.grad(entropy_ref, features_ref)
+    assert torch.equal(entropy.detach(), entropy_ref.detach())
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_reports_itself_available_here():
+    assert fierce_ext.available_backends(DEVICE)["triton"].available
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the interpreter switch on a CPU machine")
+def test_unavailable_on_cpu_without_interpreter():
+    code = ("import fierce_ext.backends.fused_triton as ft, torch; "
+            "print(ft.unavailable_reason(torch.device('cpu')))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout
+
+
+# -------------------------------------------------------------------------- argument errors
+
+def test_rejects_unknown_estimator_and_similarity():
+    features, dictionary, _ = make_problem(4, 3, 1, 5, seed=15)
+    with pytest.raises(ValueError, match="estimator"):
+        ft.histogram_forward(features, dictionary, "dot", "hard", 1.0, 0, 0)
+    with pytest.raises(ValueError, match="similarity"):
+        ft.histogram_forward(features, dictionary, "euclid", "softmax", 1.0, 0, 0)
+
+
+def test_precision_setting_is_validated(monkeypatch):
+    monkeypatch.delenv("FIERCE_EXT_TRITON_PRECISION", raising=False)
+    monkeypatch.delenv("FIERCE_EXT_FP32_PRECISION", raising=False)
+    assert ft._precision_from_env() == "tf32"
+    monkeypatch.setenv("FIERCE_EXT_FP32_PRECISION", "tf32x3")  # the cuda backend's switch
+    assert ft._precision_from_env() == "tf32x3"
+    monkeypatch.setenv("FIERCE_EXT_TRITON_PRECISION", "IEEE")  # the Triton one wins
+    assert ft._precision_from_env() == "ieee"
+    monkeypatch.setenv("FIERCE_EXT_TRITON_PRECISION", "fp64")
+    with pytest.raises(ValueError, match="FIERCE_EXT_TRITON_PRECISION"):
+        ft._precision_from_env()
+    monkeypatch.setattr(ft, "FP32_PRECISION", None)  # None: the environment decides, per call
+    features, dictionary, _ = make_problem(4, 3, 1, 5, torch.float32, seed=16)
+    with pytest.raises(ValueError, match="FIERCE_EXT_TRITON_PRECISION"):
+        ft.histogram_forward(features, dictionary, "dot", "softmax", 1.0, 0, 0)
+    monkeypatch.setattr(ft, "FP32_PRECISION", "half")
+    with pytest.raises(ValueError, match="FP32_PRECISION"):
+        ft.histogram_forward(features, dictionary, "dot", "softmax", 1.0, 0, 0)
