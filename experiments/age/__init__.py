@@ -1,0 +1,1 @@
+"""Age estimation experiment (the paper's Figure 1)."""

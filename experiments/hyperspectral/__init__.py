@@ -1,0 +1,1 @@
+"""Hyperspectral unmixing experiment (the paper's Table 1)."""
