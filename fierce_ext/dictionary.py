@@ -11,6 +11,10 @@ bins ignores, which is what lets every fast backend run one GEMM with a row scal
 
 from __future__ import annotations
 
+import collections
+import threading
+import weakref
+
 import torch
 
 SIMILARITIES = ("dot", "cosine", "distance")
@@ -73,6 +77,42 @@ def row_scale(features: torch.Tensor, similarity: str) -> torch.Tensor | None:
     if similarity != "cosine":
         return None
     return 1.0 / features.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+
+
+# Kernel-ready forms of dictionaries (projected, transposed, padded, cast), see `derived`.
+DERIVED_CACHE_SIZE = 16
+_derived: collections.OrderedDict = collections.OrderedDict()
+_derived_lock = threading.Lock()
+
+
+def derived(dictionary: torch.Tensor, key, build):
+    """build(), memoised per (dictionary tensor, its version counter, key).
+
+    Backends turn the fixed dictionary into the form their kernels read (project_dictionary,
+    transposed, padded, cast); a training loop passes the same buffer at every step, so each
+    form is built once. A weak reference (a cached form never keeps a dictionary alive), the
+    version counter (bumped by every in-place change autograd sees) and the storage pointer make
+    a freed, replaced or modified dictionary miss. In-place changes made through `.data` bypass
+    the version counter and are not seen. Inference tensors have no version counter: their
+    forms are rebuilt at every call.
+    """
+    if dictionary.is_inference():
+        return build()
+    slot = (id(dictionary), key)
+    state = (dictionary._version, dictionary.data_ptr(), tuple(dictionary.shape),
+             tuple(dictionary.stride()), dictionary.dtype, dictionary.device)
+    with _derived_lock:
+        entry = _derived.get(slot)
+        if entry is not None and entry[0]() is dictionary and entry[1] == state:
+            _derived.move_to_end(slot)
+            return entry[2]
+    value = build()
+    with _derived_lock:
+        _derived[slot] = (weakref.ref(dictionary), state, value)
+        _derived.move_to_end(slot)
+        while len(_derived) > DERIVED_CACHE_SIZE:
+            _derived.popitem(last=False)
+    return value
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -230,3 +230,41 @@ def test_cli_report():
     out = subprocess.run([sys.executable, "-m", "fierce_ext"], capture_output=True, text=True,
                          timeout=120, check=True, cwd=REPO, env=_env_with_repo()).stdout
     assert "fierce_ext" in out and "torch" in out and "reference" in out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dictionary_changed_in_place_is_seen(backend):
+    # The backends memoise the dictionary's projection per version: an in-place update
+    # (here under no_grad, as an optimiser would do it) must not leave a stale projection.
+    torch.manual_seed(0)
+    features = torch.randn(40, 6, dtype=torch.float64)
+    dictionary = fierce_ext.uniform_dictionary(6, 12, 2, dtype=torch.float64)
+    kwargs = dict(similarity="cosine", estimator="softmax", backend=backend)
+    before = fierce_ext.histogram(features, dictionary, **kwargs)
+    with torch.no_grad():
+        dictionary.mul_(-1.0)
+    after = fierce_ext.histogram(features, dictionary, **kwargs)
+    assert not torch.allclose(before, after)
+    expected = fierce_ext.histogram(features, dictionary.clone(), **kwargs)
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+
+
+def test_derived_forms_do_not_keep_a_dictionary_alive():
+    import gc
+    import weakref
+
+    from fierce_ext import dictionary as dictionary_module
+
+    dictionary = fierce_ext.uniform_dictionary(5, 7)
+    built = []
+    form = dictionary_module.derived(dictionary, "test", lambda: built.append(1) or "form")
+    assert form == "form" and dictionary_module.derived(dictionary, "test", lambda: "other") == "form"
+    assert built == [1]
+    reference = weakref.ref(dictionary)
+    del dictionary
+    gc.collect()
+    assert reference() is None
+    with torch.inference_mode():
+        frozen = fierce_ext.uniform_dictionary(5, 7)
+    assert dictionary_module.derived(frozen, "test", lambda: "a") == "a"
+    assert dictionary_module.derived(frozen, "test", lambda: "b") == "b"  # never memoised

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dictionary import project_dictionary, row_scale
+from ..dictionary import derived, project_dictionary, row_scale
 from ..noise import gumbel_noise
 
 NAME = "torch"
@@ -66,9 +66,14 @@ def _chunk_logits(s, estimator, tau, seed, row_start):
     return (s + g) / tau
 
 
+def _projected(dictionary, similarity, dtype) -> _Projected:
+    return derived(dictionary, (NAME, similarity, dtype),
+                   lambda: _Projected(dictionary, similarity, dtype))
+
+
 def histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
     dtype = _compute_dtype(features)
-    proj = _Projected(dictionary, similarity, dtype)
+    proj = _projected(dictionary, similarity, dtype)
     rows = features.shape[0]
     histogram = torch.zeros(proj.heads, proj.bins, dtype=dtype, device=features.device)
     lse = torch.empty(rows, proj.heads, dtype=dtype, device=features.device)
@@ -91,7 +96,7 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
 def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
                        seed, row_offset):
     dtype = _compute_dtype(features)
-    proj = _Projected(dictionary, similarity, dtype)
+    proj = _projected(dictionary, similarity, dtype)
     rows = features.shape[0]
     grad = grad_histogram.to(dtype)
     grad_features = torch.empty_like(features)

@@ -9,10 +9,9 @@ The extension registers two ops (CUDA kernels only):
                                                  allow_tf32) -> grad_features
 
 This module adapts them to the backend interface: it projects the dictionary once per
-(dictionary, similarity, dtype) (vt = v laid out bins-major (C, K, D) in the features' dtype,
-bias c (C, K) in the compute dtype, see dictionary.project_dictionary) and keeps the last few
-projections, and it registers the ops' fake implementations so torch.compile and
-torch.library.opcheck can trace them. Importing it never imports the extension; a missing or
+(dictionary, version, similarity, dtype) (vt = v laid out bins-major (C, K, D) in the features'
+dtype, bias c (C, K) in the compute dtype; dictionary.project_dictionary and .derived), and it
+registers the ops' fake implementations so torch.compile and torch.library.opcheck can trace them. Importing it never imports the extension; a missing or
 broken extension only makes `unavailable_reason` say why.
 
 Precision of float32 features: the logit and gradient GEMMs use tf32 tensor cores unless the
@@ -21,12 +20,11 @@ environment variable FIERCE_EXT_FP32_PRECISION is "ieee" (exact float32 FMAs). T
 backend exists for speed and its statistics accumulate in float32 either way. float16/bfloat16
 features use their own tensor cores with float32 accumulation; float64 features use float64 FMAs.
 The cached projection assumes the dictionary is only changed in place through autograd-visible
-operations (which bump its version counter), not through `.data`.
+operations (which bump its version counter), not through `.data.copy_()`.
 """
 
 from __future__ import annotations
 
-import collections
 import importlib
 import importlib.util
 import os
@@ -34,7 +32,7 @@ import threading
 
 import torch
 
-from ..dictionary import project_dictionary
+from ..dictionary import derived, project_dictionary
 
 NAME = "cuda"
 
@@ -49,8 +47,6 @@ _lock = threading.Lock()
 _extension = None        # the imported fierce_ext._C
 _load_error: str | None = None
 _fakes_registered = False
-_CACHE_SIZE = 8
-_projections: collections.OrderedDict = collections.OrderedDict()
 
 
 def _load() -> str | None:
@@ -148,28 +144,14 @@ def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def project(dictionary: torch.Tensor, similarity: str, dtype: torch.dtype):
     """(vt, bias) for the kernels: v of project_dictionary as (C, K, D) in `dtype` (the features'
-    dtype) and the bias (C, K) in the compute dtype or None. Cached per dictionary version."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    key = None
-    if not dictionary.is_inference():  # inference tensors have no version counter
-        key = (similarity, dtype, dictionary.device, dictionary.data_ptr(), dictionary._version,
-               dictionary.dtype, tuple(dictionary.shape), tuple(dictionary.stride()))
-        with _lock:
-            hit = _projections.get(key)
-            if hit is not None:
-                _projections.move_to_end(key)
-                return hit[1], hit[2]
-    v, bias = project_dictionary(dictionary, similarity, compute)
-    vt = v.transpose(1, 2).to(dtype).contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    if key is not None:
-        with _lock:
-            # Holding the dictionary keeps its memory from being reused by another tensor that
-            # could then match the key.
-            _projections[key] = (dictionary, vt, bias)
-            while len(_projections) > _CACHE_SIZE:
-                _projections.popitem(last=False)
-    return vt, bias
+    dtype) and the bias (C, K) in the compute dtype or None; built once per dictionary version
+    (dictionary.derived)."""
+    def build():
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        v, bias = project_dictionary(dictionary, similarity, compute)
+        vt = v.transpose(1, 2).to(dtype).contiguous()
+        return vt, bias.contiguous() if bias is not None else None
+    return derived(dictionary, (NAME, similarity, dtype), build)
 
 
 def _require() -> None:

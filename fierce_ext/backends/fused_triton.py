@@ -49,11 +49,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import weakref
 
 import torch
 
-from ..dictionary import NORM_EPS, project_dictionary
+from ..dictionary import NORM_EPS, derived, project_dictionary
 from ..noise import SEED_LIMIT
 
 # Triton itself comes through triton_noise, which stays importable without it.
@@ -98,7 +97,6 @@ MAX_ROW_PROGRAMS = 1024
 INTERPRETER_MAX_BLOCK = {"rows": 128, "bins": 256, "dim": 256}
 
 _MASK32 = 0xFFFFFFFF
-_NAN = tl.constexpr(float("nan"))
 _NEG_INF = tl.constexpr(float("-inf"))
 _NO_BIN = tl.constexpr(2**30)  # larger than any bin index
 _NORM_EPS = tl.constexpr(NORM_EPS)
@@ -150,7 +148,7 @@ def _logits_tile(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, rows, nois
         r = r.to(DOT)
         if ROUND_TF32:  # (vt is rounded once, by the launcher)
             r = _round_to_tf32(r)
-        acc = tl.dot(r, v.to(DOT), acc, input_precision=PRECISION)
+        acc = tl.dot(r, v.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
     s = acc
     if HAS_SCALE:
         s = s * scale[:, None]
@@ -257,7 +255,9 @@ def _reduce_kernel(part_ptr, bad_ptr, hist_ptr, B, num_partials, C, K,
         flat = i0 + tl.arange(0, BLOCK_N)
         bad += tl.load(bad_ptr + flat, mask=flat < num_partials * C, other=0)
     column = tl.sum(acc, axis=0) / B
-    column = tl.where(tl.sum(bad, axis=0) > 0, _NAN, column)
+    # NaN written in the kernel: a NaN global constexpr never equals itself, which Triton's
+    # launcher takes for a global changed since compilation (an error at every launch).
+    column = tl.where(tl.sum(bad, axis=0) > 0, float("nan"), column)
     tl.store(hist_ptr + h * K + ks, column, mask=k_mask)
 
 
@@ -350,7 +350,7 @@ def _grad_kernel(delta_ptr, ld_delta, vt_ptr, ld_v, t_ptr, scale_ptr, r_ptr, str
         k_mask = (k0 + ks) < CK
         delta = tl.load(delta_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(delta, v, acc, input_precision=PRECISION)
+        acc = tl.dot(delta, v, acc, input_precision=PRECISION, out_dtype=ACC)
         delta_ptrs += BLOCK_K
         v_ptrs += BLOCK_K * ld_v
     inv = tl.cast(inv_hi, ACC) + tl.cast(inv_lo, ACC)  # 1 / (B tau)
@@ -492,30 +492,10 @@ class _Projected:
         self.heads, self.dim, self.bins = heads, dim, bins
 
 
-# The projected dictionary per (dictionary tensor, version, similarity, dtypes): the dictionary
-# is a fixed buffer, so training steps reuse one projection. The weak reference and the version
-# counter make a freed, replaced or modified tensor miss the cache (changes made through
-# `.data`, which bypass the version counter, are not seen).
-_PROJECTION_CACHE: dict = {}
-_PROJECTION_CACHE_SIZE = 8
-
-
 def _projected(dictionary, similarity, compute_dtype, dot_dtype, round_tf32) -> _Projected:
-    try:
-        version = dictionary._version
-    except Exception:  # inference-mode tensors have no version counter: do not cache
-        return _Projected(dictionary, similarity, compute_dtype, dot_dtype, round_tf32)
-    key = (id(dictionary), similarity, compute_dtype, dot_dtype, round_tf32)
-    entry = _PROJECTION_CACHE.get(key)
-    if entry is not None:
-        ref, cached_version, shape, projected = entry
-        if ref() is dictionary and cached_version == version and shape == dictionary.shape:
-            return projected
-    projected = _Projected(dictionary, similarity, compute_dtype, dot_dtype, round_tf32)
-    if len(_PROJECTION_CACHE) >= _PROJECTION_CACHE_SIZE:
-        _PROJECTION_CACHE.pop(next(iter(_PROJECTION_CACHE)))
-    _PROJECTION_CACHE[key] = (weakref.ref(dictionary), version, dictionary.shape, projected)
-    return projected
+    return derived(dictionary, (NAME, similarity, compute_dtype, dot_dtype, round_tf32),
+                   lambda: _Projected(dictionary, similarity, compute_dtype, dot_dtype,
+                                      round_tf32))
 
 
 def _check_estimator(estimator: str) -> None:
