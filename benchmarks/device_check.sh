@@ -8,9 +8,10 @@
 #    sm_90 when nvcc is present), and copy the built fierce_ext/_C*.so into the source tree so
 #    that imports from the checkout (pytest, the benchmark) find it too;
 # 2. `python -m fierce_ext` (versions, devices, which backends run where);
-# 3. `pytest -x -q tests/gpu` (every GPU test module: triton, cuda, ...);
-# 4. `benchmarks/entropy_kernel.py` on the DESIGN.md shapes in fp32 and bf16: first every backend
-#    but the paper's torch.compile, then (time permitting) the compiled paper code;
+# 3. `pytest -x -q` of the kernel test modules (tests/gpu/test_triton_gpu.py, test_cuda_gpu.py);
+# 4. `benchmarks/entropy_kernel.py` on the DESIGN.md shapes in fp32 and bf16, every backend but
+#    the paper's torch.compile; then tests/gpu/test_integration_gpu.py (opcheck, a compiled
+#    training step, autocast) and, time permitting, the compiled paper code;
 # 5. a summary: each step's status and time, then a short fwd+bwd table, printed last.
 #
 # Results and logs go under $OUT (if set) or benchmarks/results/. Every step has a timeout and
@@ -92,15 +93,21 @@ step install 170 bash -c install
 # 2. Versions and backends.
 step info 40 "$python" -m fierce_ext
 
-# 3. GPU tests (all modules under tests/gpu).
+# 3. GPU tests of the kernels (the backends against the oracle, noise, determinism).
 # shellcheck disable=SC2086
-step gpu-tests 150 "$python" -m pytest ${FIERCE_CHECK_PYTEST_ARGS:--x -q} tests/gpu
+step gpu-tests 120 "$python" -m pytest ${FIERCE_CHECK_PYTEST_ARGS:--x -q} \
+    tests/gpu/test_triton_gpu.py tests/gpu/test_cuda_gpu.py
 
 # 4. Benchmark: the main table first, the paper's torch.compile after (it compiles per case).
 bench_args=${FIERCE_CHECK_BENCH_ARGS:---shapes few-shot,hyperspectral,mid,large,xl --dtypes fp32,bf16}
 # shellcheck disable=SC2086
-step benchmark 200 "$python" benchmarks/entropy_kernel.py $bench_args \
+step benchmark 150 "$python" benchmarks/entropy_kernel.py $bench_args \
     --backends paper,torch,triton,cuda --out "$out/bench"
+# Training-loop integration (opcheck, compiled step, autocast): after the main table, since
+# its torch.compile calls take the longest.
+# shellcheck disable=SC2086
+step gpu-integration 90 "$python" -m pytest ${FIERCE_CHECK_PYTEST_ARGS:--x -q} \
+    tests/gpu/test_integration_gpu.py
 if (( $(remaining) >= 45 )); then
     # shellcheck disable=SC2086
     step bench-compiled 200 "$python" benchmarks/entropy_kernel.py $bench_args \

@@ -25,9 +25,6 @@ processes draws the noise of the unsplit batch.
 
 from __future__ import annotations
 
-import collections
-import threading
-
 import torch
 
 PHILOX_M0 = 0xD2511F53
@@ -86,39 +83,12 @@ def uniform_from_words(words: torch.Tensor, dtype: torch.dtype = torch.float32) 
     return ((words >> 9) * 2 + 1).to(dtype) * (2.0**-24)
 
 
-# Recent small draws, keyed by their arguments: the backward of a training step recomputes
-# exactly its forward's noise, and at the paper's sizes (a few hundred rows) drawing it costs
-# more than the GEMMs. Large draws (the chunks of big batches) are not kept: memory first.
-NOISE_CACHE_ELEMENTS = 2**20
-NOISE_CACHE_ENTRIES = 4
-_noise_cache: collections.OrderedDict = collections.OrderedDict()
-_noise_lock = threading.Lock()
-
-
 def gumbel_noise(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0,
                  device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard Gumbel noise g[b, h, k] of the shared rule, shape (rows, heads, bins).
-
-    The result may be shared with earlier and later calls with the same arguments (a pure
-    function, memoised for small sizes): do not modify it in place."""
-    device = torch.device(device if device is not None else "cpu")
-    key = (seed, rows, heads, bins, row_offset, device, dtype)
-    keep = rows * heads * bins <= NOISE_CACHE_ELEMENTS and not torch.is_inference_mode_enabled()
-    if keep:
-        with _noise_lock:
-            noise = _noise_cache.get(key)
-            if noise is not None:
-                _noise_cache.move_to_end(key)
-                return noise
+    """Standard Gumbel noise g[b, h, k] of the shared rule, shape (rows, heads, bins)."""
     u = uniform_from_words(random_words(seed, rows, heads, bins, row_offset, device), dtype)
-    noise = -torch.log(-torch.log(u))
-    if keep:
-        with _noise_lock:
-            _noise_cache[key] = noise
-            while len(_noise_cache) > NOISE_CACHE_ENTRIES:
-                _noise_cache.popitem(last=False)
-    return noise
+    return -torch.log(-torch.log(u))
 
 
 def draw_seed() -> torch.Tensor:

@@ -207,3 +207,79 @@ def test_chunked_backend_crosses_chunks(monkeypatch):
                            row_offset=5, data_seed=3, feature_layout="contiguous",
                            dictionary_layout="contiguous", scale=1.0)
             check_against_oracle("torch", problem)
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_chunked_backward_with_and_without_the_kept_logits(similarity, estimator, monkeypatch):
+    # A one-chunk batch keeps (s, z) from the forward; the backward takes them (and must get
+    # the very bits a recompute gives), a changed tensor or seed must never match them, and
+    # nothing stays behind after the backward.
+    from fierce_ext.backends import chunked
+
+    torch.manual_seed(3)
+    features = torch.randn(33, 7)
+    dictionary = fierce_ext.uniform_dictionary(7, 19, 2)
+    grad = torch.randn(2, 19)
+    args = (similarity, estimator, 0.7)
+    monkeypatch.setattr(chunked, "_kept", chunked._Kept())
+    _, lse = chunked.histogram_forward(features, dictionary, *args, 11, 5)
+    assert len(chunked._kept._entries) == 1
+    kept = chunked.histogram_backward(grad, features, dictionary, lse, *args, 11, 5)
+    assert len(chunked._kept._entries) == 0
+    recomputed = chunked.histogram_backward(grad, features, dictionary, lse, *args, 11, 5)
+    assert torch.equal(kept, recomputed)
+
+    for change in ("features", "seed", "row_offset"):
+        chunked.histogram_forward(features, dictionary, *args, 11, 5)
+        other_features, seed, row_offset = features, 11, 5
+        if change == "features":
+            other_features = features.clone()
+            other_features.mul_(2.0)  # a new storage and a bumped version
+        elif change == "seed":
+            seed = 12
+        else:
+            row_offset = 6
+        _, other_lse = chunked.histogram_forward(other_features, dictionary, *args, seed,
+                                                 row_offset)
+        chunked._kept.take(chunked._Kept.key(other_features, dictionary, *args, seed,
+                                             row_offset))
+        got = chunked.histogram_backward(grad, other_features, dictionary, other_lse, *args,
+                                         seed, row_offset)
+        monkeypatch.setattr(chunked, "_kept", chunked._Kept())
+        expected = chunked.histogram_backward(grad, other_features, dictionary, other_lse,
+                                              *args, seed, row_offset)
+        assert torch.equal(got, expected), change
+
+
+def test_chunked_kept_logits_ignore_in_place_changes(monkeypatch):
+    from fierce_ext.backends import chunked
+
+    features = torch.randn(20, 5)
+    dictionary = fierce_ext.uniform_dictionary(5, 9)
+    args = ("dot", "softmax", 1.0, 3, 0)
+    monkeypatch.setattr(chunked, "_kept", chunked._Kept())
+    _, lse = chunked.histogram_forward(features, dictionary, *args)
+    features.add_(1.0)  # same storage, new version: the kept logits are stale
+    grad = torch.randn(1, 9)
+    got = chunked.histogram_backward(grad, features, dictionary, lse, *args)
+    monkeypatch.setattr(chunked, "_kept", chunked._Kept())
+    assert torch.equal(got, chunked.histogram_backward(grad, features, dictionary, lse, *args))
+
+
+def test_chunked_kept_logits_ignore_changes_through_data(monkeypatch):
+    # `.data` writes bypass the version counter (gradcheck perturbs inputs that way): the
+    # values check must still reject the stale logits.
+    from fierce_ext.backends import chunked
+
+    monkeypatch.setattr(chunked, "_kept", chunked._Kept())
+    features = torch.randn(20, 5)
+    dictionary = fierce_ext.uniform_dictionary(5, 9)
+    args = ("cosine", "gumbel_soft", 0.5, 3, 0)
+    _, lse = chunked.histogram_forward(features, dictionary, *args)
+    version = features._version
+    features.data[0, 0] += 0.25
+    assert features._version == version  # the premise
+    grad = torch.randn(1, 9)
+    got = chunked.histogram_backward(grad, features, dictionary, lse, *args)
+    assert torch.equal(got, chunked.histogram_backward(grad, features, dictionary, lse, *args))

@@ -146,32 +146,3 @@ def test_draw_seed_follows_torch_manual_seed():
     assert a == b and a != c
     assert 0 <= a < noise.SEED_LIMIT
 
-
-def test_memoised_draw_is_the_rule_and_keyed_by_every_argument(monkeypatch):
-    monkeypatch.setattr(noise, "_noise_cache", type(noise._noise_cache)())
-    seed, shape = 2024, (9, 2, 13)
-    first = noise.gumbel_noise(seed, *shape, row_offset=3)
-    assert noise.gumbel_noise(seed, *shape, row_offset=3) is first  # served from the memo
-    np.testing.assert_allclose(first.numpy().astype(np.float64),
-                               numpy_gumbel(seed, *shape, row_offset=3), rtol=1e-5, atol=1e-5)
-    variants = [((seed + 1, *shape), {"row_offset": 3}), ((seed, 10, 2, 13), {"row_offset": 3}),
-                ((seed, 9, 3, 13), {"row_offset": 3}), ((seed, 9, 2, 14), {"row_offset": 3}),
-                ((seed, *shape), {"row_offset": 4}),
-                ((seed, *shape), {"row_offset": 3, "dtype": torch.float64})]
-    for args, kwargs in variants:
-        other = noise.gumbel_noise(*args, **kwargs)
-        fresh = noise.uniform_from_words(noise.random_words(*args, row_offset=kwargs["row_offset"]),
-                                         kwargs.get("dtype", torch.float32))
-        assert torch.equal(other, -torch.log(-torch.log(fresh)))
-    assert len(noise._noise_cache) <= noise.NOISE_CACHE_ENTRIES
-
-
-def test_large_and_inference_mode_draws_are_not_kept(monkeypatch):
-    monkeypatch.setattr(noise, "_noise_cache", type(noise._noise_cache)())
-    monkeypatch.setattr(noise, "NOISE_CACHE_ELEMENTS", 100)
-    big = noise.gumbel_noise(5, 10, 1, 11)  # 110 elements > 100
-    assert noise.gumbel_noise(5, 10, 1, 11) is not big
-    assert torch.equal(noise.gumbel_noise(5, 10, 1, 11), big)
-    with torch.inference_mode():
-        noise.gumbel_noise(5, 10, 1, 9)
-    assert len(noise._noise_cache) == 0

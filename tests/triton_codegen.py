@@ -36,25 +36,22 @@ os.environ.pop("TRITON_INTERPRET", None)  # must happen before the kernels are d
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from entropy_kernel import SHAPES as BENCHMARK_SHAPES  # noqa: E402
 from fierce_ext.backends import fused_triton  # noqa: E402
 
 triton = fused_triton.triton
 
-# Static shared memory a block may use, per architecture (bytes; the opt-in maximum).
+# Shared memory one block may use, per architecture (bytes; the opt-in maximum).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-# (name, rows, dim, heads, bins): DESIGN.md's shapes and the paper's 1-D age case.
-SHAPES = {
-    "few-shot": (256, 640, 1, 100),
-    "hyperspectral": (200, 100, 1, 100),
-    "age": (256, 1, 1, 100),
-    "mid": (8192, 2048, 8, 256),
-    "large": (65536, 1024, 4, 256),
-    "xl": (262144, 512, 8, 512),
-    "ragged": (1001, 37, 3, 77),
-}
+# (rows, dim, heads, bins): the benchmark's DESIGN.md shapes, the paper's 1-D age case, and a
+# ragged one (nothing a multiple of 16).
+SHAPES = {name: BENCHMARK_SHAPES[name]
+          for name in ("few-shot", "hyperspectral", "mid", "large", "xl")}
+SHAPES.update({"age": (256, 1, 1, 100), "ragged": (1001, 37, 3, 77)})
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
 PRECISIONS = ("tf32", "ieee", "tf32x3")

@@ -7,10 +7,15 @@ seed) and turns dL/dp into dL/dr with the closed form of ../DESIGN.md:
     delta[b,h,k] = y[b,h,k] * (G[h,k] - sum_k' y[b,h,k'] G[h,k']) / (B * tau)
     dr_b         = a_b * sum_hk delta[b,h,k] v[h,:,k]  -  [cosine] a_b^2 (sum_hk delta s) r_b
 
-Peak extra memory is O(chunk * C * K + B * C), never O(B * C * K).
+Peak extra memory is O(chunk * C * K + B * C), never O(B * C * K). A batch that fits in one
+chunk keeps that chunk's similarities and logits from the forward until its backward, which then
+skips the recompute (a GEMM and a noise draw); see `_Kept`.
 """
 
 from __future__ import annotations
+
+import collections
+import threading
 
 import torch
 
@@ -71,10 +76,51 @@ def _projected(dictionary, similarity, dtype) -> _Projected:
                    lambda: _Projected(dictionary, similarity, dtype))
 
 
+class _Kept:
+    """(features, s, z) of one-chunk batches from the forward, for the backward of the same call.
+
+    The key holds what the logits depend on: the features' and the dictionary's storage, layout
+    and version counters, and the op's arguments. Version counters miss changes made through
+    `.data` (gradcheck perturbs its inputs that way), so an entry also holds a copy of the
+    features and the backward uses it only if the values are still equal (a copy of B x D,
+    against the B x C x K x D GEMM it saves). The backward takes its entry out, so nothing
+    outlives a training step; forwards without a backward (evaluation) leave at most ENTRIES
+    entries behind.
+    """
+
+    ENTRIES = 2
+
+    def __init__(self):
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(features, dictionary, *options):
+        if features.is_inference() or dictionary.is_inference():
+            return None  # no version counters
+        return tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype,
+                      t.device) for t in (features, dictionary)) + options
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.ENTRIES:
+                self._entries.popitem(last=False)
+
+    def take(self, key):
+        with self._lock:
+            return self._entries.pop(key, None)
+
+
+_kept = _Kept()
+
+
 def histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
     dtype = _compute_dtype(features)
     proj = _projected(dictionary, similarity, dtype)
     rows = features.shape[0]
+    one_chunk = rows * proj.heads * proj.bins <= CHUNK_ELEMENTS
     histogram = torch.zeros(proj.heads, proj.bins, dtype=dtype, device=features.device)
     lse = torch.empty(rows, proj.heads, dtype=dtype, device=features.device)
     for start, stop in _chunks(rows, proj.heads, proj.bins):
@@ -82,6 +128,10 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
         s = _chunk_similarity(r, row_scale(r, similarity), proj)
         z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
         lse[start:stop] = chunk_lse = torch.logsumexp(z, dim=-1)
+        if one_chunk:
+            key = _Kept.key(features, dictionary, similarity, estimator, tau, seed, row_offset)
+            if key is not None:
+                _kept.put(key, (features.clone(), s, z))
         if estimator == "gumbel_hard":
             winners = z.argmax(dim=-1)  # ties go to the lowest bin, as torch.argmax documents
             histogram.scatter_add_(1, winners.T, torch.ones_like(winners.T, dtype=dtype))
@@ -100,11 +150,18 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
     rows = features.shape[0]
     grad = grad_histogram.to(dtype)
     grad_features = torch.empty_like(features)
+    key = _Kept.key(features, dictionary, similarity, estimator, tau, seed, row_offset)
+    kept = _kept.take(key) if key is not None else None
+    if kept is not None and not torch.equal(kept[0], features):
+        kept = None
     for start, stop in _chunks(rows, proj.heads, proj.bins):
         r = features[start:stop].to(dtype)
         scale = row_scale(r, similarity)
-        s = _chunk_similarity(r, scale, proj)
-        z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
+        if kept is not None:  # one chunk: the forward's own s and z
+            _, s, z = kept
+        else:
+            s = _chunk_similarity(r, scale, proj)
+            z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
         y = torch.exp(z - lse[start:stop, :, None])
         expected = (y * grad).sum(dim=-1, keepdim=True)
         delta = y * (grad - expected) / (rows * tau)
