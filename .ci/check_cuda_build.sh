@@ -52,6 +52,10 @@ CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST="9.0" FIERCE_EXT_BUILD_CUDA=1 \
     MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/pip" install -q --no-build-isolation --no-deps "$work/src"
 phase "build + install (sm_90)"
 
+# Registers and stack frames (spills) per kernel: informative, never fails the check.
+"$venv/bin/python" "$repo/.ci/cuda_resource_usage.py" || echo "(resource usage unavailable)"
+phase "resource usage (cuobjdump)"
+
 mkdir -p "$work/tests"
 cp "$repo/tests/test_cuda_build.py" "$work/tests/"
 (
