@@ -8,7 +8,8 @@
 #    sm_90 when nvcc is present), and copy the built fierce_ext/_C*.so into the source tree so
 #    that imports from the checkout (pytest, the benchmark) find it too;
 # 2. `python -m fierce_ext` (versions, devices, which backends run where);
-# 3. `pytest -x -q` of the kernel test modules (tests/gpu/test_triton_gpu.py, test_cuda_gpu.py);
+# 3. `pytest -x -q` of the kernel test modules (tests/gpu/test_triton_gpu.py, test_cuda_gpu.py),
+#    sharded over FIERCE_CHECK_SHARDS (default 8) processes by benchmarks/pytest_shards.sh;
 # 4. `benchmarks/entropy_kernel.py` on the DESIGN.md shapes in fp32 and bf16, every backend but
 #    the paper's torch.compile; then tests/gpu/test_integration_gpu.py (opcheck, a compiled
 #    training step, autocast) and, time permitting, the compiled paper code;
@@ -17,8 +18,9 @@
 # Results and logs go under $OUT (if set) or benchmarks/results/. Every step has a timeout and
 # the script goes on after a failure; it exits non-zero if any step failed. The whole run is
 # kept under FIERCE_CHECK_BUDGET seconds (default 290: the check must take < 5 minutes).
-# Overrides: FIERCE_CHECK_PYTEST_ARGS (default "-x -q"), FIERCE_CHECK_BENCH_ARGS (default: the
-# DESIGN shapes in fp32,bf16), PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0).
+# Overrides: FIERCE_CHECK_PYTEST_ARGS (default "-x -q"), FIERCE_CHECK_SHARDS (default 8),
+# FIERCE_CHECK_BENCH_ARGS (default: the DESIGN shapes in fp32,bf16), PYTHON (default python3),
+# TORCH_CUDA_ARCH_LIST (default 9.0).
 set -uo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -93,10 +95,13 @@ step install 170 bash -c install
 # 2. Versions and backends.
 step info 40 "$python" -m fierce_ext
 
-# 3. GPU tests of the kernels (the backends against the oracle, noise, determinism).
+# 3. GPU tests of the kernels (the backends against the oracle, noise, determinism), in
+# FIERCE_CHECK_SHARDS concurrent pytest processes: a first run is mostly Triton compiling kernel
+# variants, one at a time per process.
+shards=${FIERCE_CHECK_SHARDS:-8}
 # shellcheck disable=SC2086
-step gpu-tests 120 "$python" -m pytest ${FIERCE_CHECK_PYTEST_ARGS:--x -q} \
-    tests/gpu/test_triton_gpu.py tests/gpu/test_cuda_gpu.py
+step gpu-tests 120 env PYTHON="$python" bash benchmarks/pytest_shards.sh "$shards" \
+    tests/gpu/test_triton_gpu.py tests/gpu/test_cuda_gpu.py -- ${FIERCE_CHECK_PYTEST_ARGS:--x -q}
 
 # 4. Benchmark: the main table first, the paper's torch.compile after (it compiles per case).
 bench_args=${FIERCE_CHECK_BENCH_ARGS:---shapes few-shot,hyperspectral,mid,large,xl --dtypes fp32,bf16}
@@ -106,8 +111,8 @@ step benchmark 150 "$python" benchmarks/entropy_kernel.py $bench_args \
 # Training-loop integration (opcheck, compiled step, autocast): after the main table, since
 # its torch.compile calls take the longest.
 # shellcheck disable=SC2086
-step gpu-integration 90 "$python" -m pytest ${FIERCE_CHECK_PYTEST_ARGS:--x -q} \
-    tests/gpu/test_integration_gpu.py
+step gpu-integration 90 env PYTHON="$python" bash benchmarks/pytest_shards.sh "$shards" \
+    tests/gpu/test_integration_gpu.py -- ${FIERCE_CHECK_PYTEST_ARGS:--x -q}
 if (( $(remaining) >= 45 )); then
     # shellcheck disable=SC2086
     step bench-compiled 200 "$python" benchmarks/entropy_kernel.py $bench_args \
