@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
-from .dictionary import uniform_dictionary
+from .dictionary import SIMILARITIES, uniform_dictionary
 from .functional import ESTIMATORS, _check_choice, _check_tau, entropy
-from .dictionary import SIMILARITIES
 
 
 class FeatureEntropy(nn.Module):

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import fierce_ext
 from fierce_ext.ops import histogram_backward_op, histogram_op
+from tiny_models import Net, gradients
 
 BINS = 10
 
@@ -24,21 +24,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-class Net(nn.Module):
-    def __init__(self, dim_in=6, dim_feat=8, classes=3):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(dim_in, 16), nn.ReLU(), nn.Linear(16, dim_feat))
-        self.head = nn.Linear(dim_feat, classes)
-
-    def forward(self, x):
-        features = self.body(x)
-        return self.head(features), features
-
-
-def _grads(module):
-    return {name: p.grad.clone() for name, p in module.named_parameters()}
 
 
 def test_compiled_training_step_matches_eager():
@@ -55,13 +40,13 @@ def test_compiled_training_step_matches_eager():
 
     eager_loss, eager_entropy = step(x, target)
     eager_loss.backward()
-    eager_grads = _grads(model)
+    eager_grads = gradients(model)
     model.zero_grad()
 
     compiled = torch.compile(step, fullgraph=True)
     loss, entropy = compiled(x, target)
     loss.backward()
-    grads = _grads(model)
+    grads = gradients(model)
 
     assert 0 < entropy.item() <= math.log2(BINS)
     torch.testing.assert_close(entropy, eager_entropy)

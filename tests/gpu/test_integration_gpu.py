@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import fierce_ext
 from fierce_ext.ops import histogram_backward_op, histogram_op
+from tiny_models import Net, gradients
 
 BINS = 16
 GPU_BACKENDS = ("torch", "triton", "cuda")
@@ -54,20 +54,9 @@ def test_opcheck_histogram_ops_on_cuda(gpu_backend, similarity, estimator, dtype
                            similarity, estimator, 0.7, 3, gpu_backend))
 
 
-class Net(nn.Module):
-    def __init__(self, dim_in=12, dim_feat=32, classes=4):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(dim_in, 64), nn.ReLU(), nn.Linear(64, dim_feat))
-        self.head = nn.Linear(dim_feat, classes)
-
-    def forward(self, x):
-        features = self.body(x)
-        return self.head(features), features
-
-
 def test_compiled_training_step_matches_eager_on_cuda(gpu_backend):
     torch.manual_seed(0)
-    model = Net().cuda()
+    model = Net(12, 32, 4, hidden=64).cuda()
     criterion = fierce_ext.FIERCELoss(32, lam=0.7, bins=BINS, heads=2, tau=0.5,
                                       backend=gpu_backend).cuda()
     x = torch.randn(300, 12, device="cuda")
@@ -80,7 +69,7 @@ def test_compiled_training_step_matches_eager_on_cuda(gpu_backend):
 
     eager_loss, eager_entropy = step(x, target)
     eager_loss.backward()
-    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    eager = gradients(model)
     model.zero_grad()
 
     loss, entropy = torch.compile(step, fullgraph=True)(x, target)
@@ -99,7 +88,7 @@ def test_compiled_training_step_matches_eager_on_cuda(gpu_backend):
                          ids=lambda value: str(value).removeprefix("torch."))
 def test_autocast_training_step_on_cuda(gpu_backend, dtype):
     torch.manual_seed(1)
-    model = Net().cuda()
+    model = Net(12, 32, 4, hidden=64).cuda()
     criterion = fierce_ext.FIERCELoss(32, lam=0.5, bins=BINS, backend=gpu_backend).cuda()
     x = torch.randn(256, 12, device="cuda")
     target = torch.randint(0, 4, (256,), device="cuda")

@@ -1,0 +1,24 @@
+"""A small classifier that returns its features too, for training-step tests (CPU and GPU)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class Net(nn.Module):
+    """x -> (logits, features): two-layer MLP body, linear head."""
+
+    def __init__(self, dim_in: int = 6, dim_feat: int = 8, classes: int = 3, hidden: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, dim_feat))
+        self.head = nn.Linear(dim_feat, classes)
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.head(features), features
+
+
+def gradients(module: nn.Module) -> dict:
+    """A copy of every parameter's gradient, by name."""
+    return {name: p.grad.clone() for name, p in module.named_parameters()}
