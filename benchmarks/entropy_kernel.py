@@ -448,8 +448,16 @@ def run(args):
                     + (["quick"] if args.quick else []) + ([args.tag] if args.tag else []))
     (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     (out_dir / f"{stem}.md").write_text(header_text(meta) + "\n" + table + "\n")
-    plot(rows, meta, out_dir / f"{stem}.png")
-    print(f"\nwrote {out_dir / stem}.json / .md / .png")
+    written = ".json / .md"
+    if not rows:
+        print("\nnothing was measured (see the notes above)")
+    else:
+        try:
+            plot(rows, meta, out_dir / f"{stem}.png")
+            written += " / .png"
+        except ImportError as error:  # matplotlib is optional: the numbers are written already
+            print(f"\nno figure: {error}")
+    print(f"\nwrote {out_dir / stem}{written}")
     if load_start and load_start[0] > (os.cpu_count() or 1):
         print(f"warning: load average {load_start[0]:.1f} on {os.cpu_count()} CPUs at the start:"
               " other processes shared the machine, timings are inflated")
