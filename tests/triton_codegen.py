@@ -13,7 +13,9 @@ Triton's wheel; shared memory is what Triton reserves for the launch.
     python tests/triton_codegen.py [--arch 90] [--full] [--only TEXT] [--jobs N] [--json FILE]
 
 Exits non-zero when a kernel fails to compile or needs more shared memory than the architecture
-has. Spills are reported, not failed: they cost time, not correctness. Run without
+has, or when a GEMM kernel does not use the tensor-core instructions its precision mode asks
+for (tf32, bf16, f16 or f64 MMA; none for "ieee"). Spills are reported, not failed: they cost
+time, not correctness. Run without
 TRITON_INTERPRET (the script clears it). tests/test_triton_codegen.py runs it in CI.
 """
 
@@ -105,6 +107,20 @@ def resource_usage(cubin: bytes) -> dict:
     return {key.lower(): int(value) for key, value in found.items()}
 
 
+DOT_KERNELS = ("_forward_kernel", "_softmax_kernel", "_grad_kernel")
+# The tensor-core operand type each mode must compile to (None: plain FMAs, no MMA).
+EXPECTED_MMA = {("fp32", "tf32"): "tf32", ("fp32", "tf32x3"): "tf32", ("fp32", "ieee"): None,
+                ("bf16", "tf32"): "bf16", ("fp16", "tf32"): "f16", ("fp64", "tf32"): "f64"}
+
+
+def tensor_core_use(ptx: str) -> str | None:
+    """"wgmma.tf32", "mma.bf16", ...: the MMA instructions of a kernel's PTX, or None."""
+    kinds = sorted({f"{op}.{kind}" for op, kind in re.findall(
+        r"\b(wgmma|mma)(?:\.mma_async)?\.sync\.aligned\.m\d+n\d+k\d+\S*?\.(?:f32|f64)\."
+        r"(tf32|bf16|f16|f64)\b", ptx)})
+    return ",".join(kinds) or None
+
+
 def cases(full: bool):
     """(shape, dtype, precision, similarity, estimator): every constexpr value and every
     DESIGN.md shape at least once; with full=True the whole product."""
@@ -178,10 +194,17 @@ def compile_cases(arch: int, case_list: list) -> tuple[list, list]:
         for kernel, binary, seconds in compiled[start:]:
             usage = resource_usage(binary.asm["cubin"])
             shared = max(binary.metadata.shared, usage.get("shared", 0))
+            mma = tensor_core_use(binary.asm["ptx"])
             rows.append(dict(case="/".join(case), kernel=kernel, hash=binary.hash,
                              registers=usage.get("reg"), stack_bytes=usage.get("stack"),
                              shared_bytes=shared, warps=binary.metadata.num_warps,
-                             stages=binary.metadata.num_stages, seconds=round(seconds, 2)))
+                             stages=binary.metadata.num_stages, mma=mma,
+                             seconds=round(seconds, 2)))
+            expected = EXPECTED_MMA[case[1], case[2]] if kernel in DOT_KERNELS else None
+            if (mma or None) and expected is None or (expected and (
+                    mma is None or any(not k.endswith("." + expected) for k in mma.split(",")))):
+                failures.append(f"FAILED {case}: {kernel} uses MMA {mma}, expected "
+                                f"{expected or 'none'}")
             if shared > limit:
                 failures.append(f"FAILED {case}: {kernel} needs {shared} bytes of shared "
                                 f"memory, sm_{arch} has {limit}")
@@ -217,10 +240,12 @@ def main(argv=None) -> int:
     distinct = list({(row["kernel"], row["hash"]): row for row in rows}.values())
     print(f"\n{len(distinct)} distinct kernels compiled for sm_{args.arch} from {len(todo)} "
           f"cases, {len(failures)} failures")
-    print(f"{'case':<46} {'kernel':<18} {'regs':>4} {'stack':>5} {'shared':>7} {'warps':>5}")
+    print(f"{'case':<46} {'kernel':<18} {'regs':>4} {'stack':>5} {'shared':>7} {'warps':>5} "
+          f"tensor cores")
     for row in sorted(distinct, key=lambda row: (row["kernel"], row["case"])):
         print(f"{row['case']:<46} {row['kernel']:<18} {row['registers']!s:>4} "
-              f"{row['stack_bytes']!s:>5} {row['shared_bytes']:>7} {row['warps']:>5}")
+              f"{row['stack_bytes']!s:>5} {row['shared_bytes']:>7} {row['warps']:>5} "
+              f"{row['mma'] or '-'}")
     if args.json:
         args.json.write_text(json.dumps(dict(triton=triton.__version__, arch=args.arch,
                                              rows=distinct, failures=failures), indent=1))
