@@ -162,6 +162,13 @@ for shape, dtype in cases:
             mib = r.get("extra_mib")
             line.append(f"{r['fwdbwd_ms']:.3g}" + (f" ({mib:.0f})" if mib is not None else ""))
     print(f"| {shape} | {dtype} | " + " | ".join(line) + " |")
+graphed = [r for r in rows if r.get("graph_fwdbwd_ms") or r.get("graph_note")]
+if graphed:
+    print("\nfwd+bwd ms replayed from a CUDA graph (device time of the launch-bound shapes)")
+    for r in graphed:
+        value = r.get("graph_fwdbwd_ms")
+        print(f"  {r['shape']:<14} {r['dtype']:<5} {r['backend']:<15} "
+              + (f"{value:.4g}" if value else f"not capturable: {r['graph_note']}"))
 EOF
 echo
 for line in "${status[@]}"; do echo "$line"; done

@@ -216,6 +216,28 @@ def time_case(fn, features, device, quick, record=None):
     return fwd, bwd, fwdbwd
 
 
+# Shapes this small are launch-bound: the eager time is mostly the host's per-call cost (Python,
+# dispatch, launches). Their fwd+bwd is also timed replayed from a CUDA graph, the device's share.
+GRAPH_MAX_LOGITS = 2**22
+
+
+def cuda_graph_fwdbwd_ms(fn, features):
+    """(median ms of fwd+bwd replayed from a CUDA graph, None) or (None, why not)."""
+    from triton.testing import do_bench_cudagraph
+
+    def step():
+        fn(features).backward()
+
+    try:
+        return float(do_bench_cudagraph(step, grad_to_none=[features],
+                                        return_mode="median")), None
+    except Exception as error:  # not capturable (a host sync, a CPU tensor in the step, ...)
+        torch.cuda.synchronize()
+        return None, f"{type(error).__name__}: {error}"[:200]
+    finally:
+        features.grad = None
+
+
 def _cuda_event_backward_ms(fn, features, reps=20):
     times = []
     for _ in range(reps):
@@ -387,6 +409,10 @@ def run(args):
                 row["fwdbwd_min_ms"], row["fwdbwd_repeats"] = min(repeats), len(repeats)
             if device.type == "cuda":
                 row["extra_mib"] = cuda_extra_mib(fn, features, device)
+                if batch * heads * bins <= GRAPH_MAX_LOGITS:
+                    row["graph_fwdbwd_ms"], why = cuda_graph_fwdbwd_ms(fn, features)
+                    if why:
+                        row["graph_note"] = why
         except Exception as error:  # report and continue: one broken backend is a result
             row["skipped"] = f"failed: {type(error).__name__}: {error}"[:300]
             tqdm.write(f"FAILED {shape_name} {dtype_name} {backend}: {row['skipped']}")
@@ -492,18 +518,19 @@ def _fmt(value, digits=3):
 
 def markdown_table(rows):
     head = ("| shape | B x D x C x K | dtype | backend | fwd ms | bwd ms | fwd+bwd ms | "
-            "extra MiB | TFLOP/s | x 3-GEMM floor | speedup vs paper |")
+            "extra MiB | TFLOP/s | x 3-GEMM floor | speedup vs paper | fwd+bwd ms, CUDA graph |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         dims = f"{r['B']} x {r['D']} x {r['C']} x {r['K']}"
         if r.get("skipped"):
             lines.append(f"| {r['shape']} | {dims} | {r['dtype']} | {r['backend']} | "
-                         f"skipped: {r['skipped']} | | | | | | |")
+                         f"skipped: {r['skipped']} | | | | | | | |")
             continue
         lines.append(
             f"| {r['shape']} | {dims} | {r['dtype']} | {r['backend']} | {_fmt(r['fwd_ms'])} | "
             f"{_fmt(r['bwd_ms'])} | {_fmt(r['fwdbwd_ms'])} | {_fmt(r.get('extra_mib'))} | "
-            f"{_fmt(r['tflops'])} | {_fmt(r['x_floor'])} | {_fmt(r.get('speedup_vs_paper'))} |")
+            f"{_fmt(r['tflops'])} | {_fmt(r['x_floor'])} | {_fmt(r.get('speedup_vs_paper'))} | "
+            f"{'not capturable' if r.get('graph_note') else _fmt(r.get('graph_fwdbwd_ms'))} |")
     return "\n".join(lines)
 
 

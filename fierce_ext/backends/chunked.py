@@ -7,9 +7,9 @@ seed) and turns dL/dp into dL/dr with the closed form of ../DESIGN.md:
     delta[b,h,k] = y[b,h,k] * (G[h,k] - sum_k' y[b,h,k'] G[h,k']) / (B * tau)
     dr_b         = a_b * sum_hk delta[b,h,k] v[h,:,k]  -  [cosine] a_b^2 (sum_hk delta s) r_b
 
-Peak extra memory is O(chunk * C * K + B * C), never O(B * C * K). A batch that fits in one
-chunk keeps that chunk's similarities and logits from the forward until its backward, which then
-skips the recompute (a GEMM and a noise draw); see `_Kept`.
+Peak extra memory is O(chunk * C * K + B * C), never O(B * C * K). On the CPU, a batch that fits
+in one chunk keeps that chunk's similarities and logits from the forward until its backward, which
+then skips the recompute (a GEMM and a noise draw); see `_Kept`.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
     dtype = _compute_dtype(features)
     proj = _projected(dictionary, similarity, dtype)
     rows = features.shape[0]
-    one_chunk = rows * proj.heads * proj.bins <= CHUNK_ELEMENTS
+    # On the CPU only: the backward's values check (torch.equal) would be a host sync on a GPU.
+    keep = features.device.type == "cpu" and rows * proj.heads * proj.bins <= CHUNK_ELEMENTS
     histogram = torch.zeros(proj.heads, proj.bins, dtype=dtype, device=features.device)
     lse = torch.empty(rows, proj.heads, dtype=dtype, device=features.device)
     for start, stop in _chunks(rows, proj.heads, proj.bins):
@@ -128,7 +129,7 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
         s = _chunk_similarity(r, row_scale(r, similarity), proj)
         z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
         lse[start:stop] = chunk_lse = torch.logsumexp(z, dim=-1)
-        if one_chunk:
+        if keep:
             key = _Kept.key(features, dictionary, similarity, estimator, tau, seed, row_offset)
             if key is not None:
                 _kept.put(key, (features.clone(), s, z))
