@@ -14,7 +14,7 @@ import torch
 
 import fierce_ext
 from fierce_ext.ops import histogram_backward_op, histogram_op
-from tiny_models import Net, gradients
+from tiny_models import Net, eager_and_compiled_step
 
 BINS = 10
 
@@ -33,21 +33,8 @@ def test_compiled_training_step_matches_eager():
     criterion = fierce_ext.FIERCELoss(8, lam=0.7, bins=BINS, heads=2, tau=0.5, sync=True)
     x, target = torch.randn(32, 6), torch.randint(0, 3, (32,))
 
-    def step(x, target):
-        logits, features = model(x)
-        loss = criterion(logits, target, features, seed=1234)
-        return loss, criterion.last_entropy
-
-    eager_loss, eager_entropy = step(x, target)
-    eager_loss.backward()
-    eager_grads = gradients(model)
-    model.zero_grad()
-
-    compiled = torch.compile(step, fullgraph=True)
-    loss, entropy = compiled(x, target)
-    loss.backward()
-    grads = gradients(model)
-
+    (eager_loss, eager_entropy, eager_grads), (loss, entropy, grads) = \
+        eager_and_compiled_step(model, criterion, x, target)
     assert 0 < entropy.item() <= math.log2(BINS)
     torch.testing.assert_close(entropy, eager_entropy)
     torch.testing.assert_close(loss, eager_loss)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -22,3 +23,20 @@ class Net(nn.Module):
 def gradients(module: nn.Module) -> dict:
     """A copy of every parameter's gradient, by name."""
     return {name: p.grad.clone() for name, p in module.named_parameters()}
+
+
+def eager_and_compiled_step(model: nn.Module, criterion: nn.Module, x, target, seed: int = 1234):
+    """One training step (model + FIERCELoss with a fixed noise seed) run eagerly, then under
+    torch.compile(fullgraph=True): ((loss, entropy, gradients) eager, (...) compiled)."""
+    def step(x, target):
+        logits, features = model(x)
+        loss = criterion(logits, target, features, seed=seed)
+        return loss, criterion.last_entropy
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        model.zero_grad()
+        loss, entropy = fn(x, target)
+        loss.backward()
+        results.append((loss, entropy, gradients(model)))
+    return results

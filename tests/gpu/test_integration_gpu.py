@@ -12,7 +12,7 @@ import torch
 
 import fierce_ext
 from fierce_ext.ops import histogram_backward_op, histogram_op
-from tiny_models import Net, gradients
+from tiny_models import Net, eager_and_compiled_step
 
 BINS = 16
 GPU_BACKENDS = ("torch", "triton", "cuda")
@@ -62,24 +62,14 @@ def test_compiled_training_step_matches_eager_on_cuda(gpu_backend):
     x = torch.randn(300, 12, device="cuda")
     target = torch.randint(0, 4, (300,), device="cuda")
 
-    def step(x, target):
-        logits, features = model(x)
-        loss = criterion(logits, target, features, seed=1234)
-        return loss, criterion.last_entropy
-
-    eager_loss, eager_entropy = step(x, target)
-    eager_loss.backward()
-    eager = gradients(model)
-    model.zero_grad()
-
-    loss, entropy = torch.compile(step, fullgraph=True)(x, target)
-    loss.backward()
+    (eager_loss, eager_entropy, eager), (loss, entropy, grads) = \
+        eager_and_compiled_step(model, criterion, x, target)
     assert 0 < entropy.item() <= math.log2(BINS)
     # Same kernels for the FIERCE part; inductor may fuse the model's own ops differently.
     torch.testing.assert_close(entropy, eager_entropy, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-4)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, eager[name], rtol=1e-3, atol=1e-5,
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager[name], rtol=1e-3, atol=1e-5,
                                    msg=f"gradient of {name}")
     assert any(p.grad.abs().sum() > 0 for p in model.body.parameters())
 
