@@ -101,8 +101,7 @@ def make_fn(backend, dictionary, similarity, estimator):
         torch._dynamo.reset()  # a fresh cache per case: never hit the recompile limit
         compiled = torch.compile(paper_entropy, dynamic=False)
         return lambda f: compiled(f, dictionary, similarity)
-    # seed=None: a fresh seed per call, as in training (a fixed seed would let the noise
-    # memo of fierce_ext.noise serve the forward's draw too, which no training step gets).
+    # seed=None: a fresh seed per call, as in a training loop.
     return lambda f: fierce_ext.entropy(f, dictionary, similarity=similarity,
                                         estimator=estimator, seed=None, backend=backend)
 

@@ -79,6 +79,14 @@ def row_scale(features: torch.Tensor, similarity: str) -> torch.Tensor | None:
     return 1.0 / features.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
 
 
+def storage_state(tensor: torch.Tensor) -> tuple:
+    """What a memo of values derived from `tensor` must match: storage pointer, version counter
+    (bumped by every in-place change autograd sees), layout, dtype and device. Not for
+    inference tensors, which have no version counter."""
+    return (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype, tensor.device)
+
+
 # Kernel-ready forms of dictionaries (projected, transposed, padded, cast), see `derived`.
 DERIVED_CACHE_SIZE = 16
 _derived: collections.OrderedDict = collections.OrderedDict()
@@ -99,8 +107,7 @@ def derived(dictionary: torch.Tensor, key, build):
     if dictionary.is_inference():
         return build()
     slot = (id(dictionary), key)
-    state = (dictionary._version, dictionary.data_ptr(), tuple(dictionary.shape),
-             tuple(dictionary.stride()), dictionary.dtype, dictionary.device)
+    state = storage_state(dictionary)
     with _derived_lock:
         entry = _derived.get(slot)
         if entry is not None and entry[0]() is dictionary and entry[1] == state:

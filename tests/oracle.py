@@ -92,9 +92,33 @@ def entropy_bits(p: torch.Tensor) -> torch.Tensor:
 def top2_margin(z: torch.Tensor) -> torch.Tensor:
     """z[top1] - z[top2] over the last axis (+inf when there is a single bin)."""
     if z.shape[-1] == 1:
-        return torch.full(z.shape[:-1], math.inf, dtype=z.dtype)
+        return torch.full(z.shape[:-1], math.inf, dtype=z.dtype, device=z.device)
     top = z.topk(2, dim=-1).values
     return top[..., 0] - top[..., 1]
+
+
+def projected_logits64(features, dictionary, similarity, estimator, tau, seed, row_offset):
+    """float64 (z, s, v, a, bias) in the projected form s = a (r . v) + c that the fast backends
+    compute (fierce_ext.dictionary's projection: not independent, but what the Triton tests'
+    error bounds are stated in), on the features' device; a is all ones when there is no row
+    scale."""
+    from fierce_ext.dictionary import project_dictionary, row_scale
+
+    r = features.double()
+    v, bias = project_dictionary(dictionary, similarity, torch.float64)
+    s = torch.einsum("bd,hdk->bhk", r, v)
+    a = row_scale(r, similarity)
+    if a is not None:
+        s = s * a[:, :, None]
+    if bias is not None:
+        s = s + bias
+    z = s
+    if estimator != "softmax":
+        rows, heads, bins = s.shape
+        z = s + gumbel_noise(seed, rows, heads, bins, row_offset, device=s.device,
+                             dtype=torch.float64)
+    a = torch.ones(r.shape[0], dtype=torch.float64, device=r.device) if a is None else a[:, 0]
+    return z / tau, s, v, a, bias
 
 
 # ----------------------------------------------------------------- numpy Philox noise rule

@@ -230,26 +230,19 @@ def test_chunked_backward_with_and_without_the_kept_logits(similarity, estimator
     recomputed = chunked.histogram_backward(grad, features, dictionary, lse, *args, 11, 5)
     assert torch.equal(kept, recomputed)
 
-    for change in ("features", "seed", "row_offset"):
-        chunked.histogram_forward(features, dictionary, *args, 11, 5)
-        other_features, seed, row_offset = features, 11, 5
-        if change == "features":
-            other_features = features.clone()
-            other_features.mul_(2.0)  # a new storage and a bumped version
-        elif change == "seed":
-            seed = 12
-        else:
-            row_offset = 6
-        _, other_lse = chunked.histogram_forward(other_features, dictionary, *args, seed,
-                                                 row_offset)
-        chunked._kept.take(chunked._Kept.key(other_features, dictionary, *args, seed,
-                                             row_offset))
-        got = chunked.histogram_backward(grad, other_features, dictionary, other_lse, *args,
-                                         seed, row_offset)
+    # Another call's backward (changed features, seed or offset) must recompute and leave
+    # this call's entry in place.
+    changes = {"features": (features * 2.0, 11, 5), "seed": (features, 12, 5),
+               "row_offset": (features, 11, 6)}
+    for change, (other_features, seed, row_offset) in changes.items():
         monkeypatch.setattr(chunked, "_kept", chunked._Kept())
-        expected = chunked.histogram_backward(grad, other_features, dictionary, other_lse,
-                                              *args, seed, row_offset)
+        expected = chunked.histogram_backward(grad, other_features, dictionary, lse, *args,
+                                              seed, row_offset)
+        chunked.histogram_forward(features, dictionary, *args, 11, 5)
+        got = chunked.histogram_backward(grad, other_features, dictionary, lse, *args, seed,
+                                         row_offset)
         assert torch.equal(got, expected), change
+        assert len(chunked._kept._entries) == 1, change
 
 
 def test_chunked_kept_logits_ignore_in_place_changes(monkeypatch):

@@ -195,14 +195,21 @@ def _ptr(tensor):
     return None if tensor is None else ctypes.c_void_p(tensor.data_ptr())
 
 
+def _launch_inputs(mode, features, dictionary, similarity):
+    """What the cuda backend hands its kernels in `mode`: (mode id, features dtype, compute
+    dtype, contiguous features, projected dictionary vt, bias)."""
+    mode_id, dtype, _, _ = MODES[mode]
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    vt, bias = cuda_backend.project(dictionary, similarity, dtype)
+    return mode_id, dtype, compute, features.to(dtype).contiguous(), vt, bias
+
+
 def emulated_forward(lib, mode, features, dictionary, similarity, estimator, tau, seed,
                      row_offset, groups=2):
     """The kernels' (histogram, lse), with workspaces full of garbage (the kernels must not
     assume zeros)."""
-    mode_id, dtype, _, _ = MODES[mode]
-    features = features.to(dtype).contiguous()
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    vt, bias = cuda_backend.project(dictionary, similarity, dtype)
+    mode_id, dtype, compute, features, vt, bias = _launch_inputs(mode, features, dictionary,
+                                                                 similarity)
     rows, dim = features.shape
     heads, bins, _ = vt.shape
     groups = max(1, min(groups, -(-rows // TILE_ROWS)))
@@ -221,10 +228,8 @@ def emulated_forward(lib, mode, features, dictionary, similarity, estimator, tau
 
 def emulated_backward(lib, mode, grad_histogram, features, dictionary, lse, similarity,
                       estimator, tau, seed, row_offset):
-    mode_id, dtype, _, _ = MODES[mode]
-    features = features.to(dtype).contiguous()
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    vt, bias = cuda_backend.project(dictionary, similarity, dtype)
+    mode_id, dtype, compute, features, vt, bias = _launch_inputs(mode, features, dictionary,
+                                                                 similarity)
     rows, dim = features.shape
     heads, bins, _ = vt.shape
     nan = float("nan")

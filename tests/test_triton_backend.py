@@ -43,9 +43,10 @@ pytest.importorskip("triton", reason="triton is not installed (pip install fierc
 import fierce_ext  # noqa: E402
 from fierce_ext.backends import chunked, reference  # noqa: E402
 from fierce_ext.backends import fused_triton as ft  # noqa: E402
-from fierce_ext.dictionary import bin_dictionary, project_dictionary, row_scale  # noqa: E402
+from fierce_ext.dictionary import bin_dictionary  # noqa: E402
 from fierce_ext.noise import SEED_LIMIT, random_words  # noqa: E402
-from oracle import ESTIMATORS, SIMILARITIES, numpy_random_words, top2_margin  # noqa: E402
+from oracle import (ESTIMATORS, SIMILARITIES, numpy_random_words,  # noqa: E402
+                    projected_logits64, top2_margin)
 
 if ft.unavailable_reason(torch.device("cpu")) is None:
     DEVICE = torch.device("cpu")
@@ -107,26 +108,6 @@ def run_reference64(features, dictionary, grad, similarity, estimator, tau, seed
     return hist, lse, grad_features
 
 
-def logits64(features, dictionary, similarity, estimator, tau, seed, row_offset):
-    """(z, s, v, a): float64 logits of the projected form, similarity, projected dictionary
-    and row scale."""
-    r = features.double()
-    v, bias = project_dictionary(dictionary, similarity, torch.float64)
-    s = torch.einsum("bd,hdk->bhk", r, v)
-    a = row_scale(r, similarity)
-    if a is not None:
-        s = s * a[:, :, None]
-    if bias is not None:
-        s = s + bias
-    z = s
-    if estimator != "softmax":
-        rows, heads, bins = s.shape
-        z = s + fierce_ext.noise.gumbel_noise(seed, rows, heads, bins, row_offset,
-                                              device=s.device, dtype=torch.float64)
-    a = torch.ones(r.shape[0], 1, dtype=torch.float64, device=r.device) if a is None else a
-    return z / tau, s, v, a[:, 0]
-
-
 def check_against_reference(features, dictionary, grad, similarity, estimator, tau=0.7,
                             seed=2**40 + 12345, row_offset=5, u=None):
     """Runs both backends and asserts the tolerance rule of this module's docstring."""
@@ -138,7 +119,8 @@ def check_against_reference(features, dictionary, grad, similarity, estimator, t
     assert hist.dtype == lse.dtype == compute and grad_features.dtype == features.dtype
     assert hist.shape == want_hist.shape and lse.shape == want_lse.shape
     assert grad_features.shape == features.shape
-    z, s, v, a = logits64(features, dictionary, similarity, estimator, tau, seed, row_offset)
+    z, s, v, a, bias = projected_logits64(features, dictionary, similarity, estimator, tau,
+                                          seed, row_offset)
     rows, dim = features.shape
     margin = top2_margin(z)
     eps = 2.0**-53 if features.dtype == torch.float64 else 2.0**-24
@@ -147,7 +129,6 @@ def check_against_reference(features, dictionary, grad, similarity, estimator, t
         if features.dtype in (torch.float32, torch.float64):
             u = (dim + 2) * eps
     reach = (features.double().abs() @ v.abs().amax(dim=(0, 2))[:, None])[:, 0]
-    _, bias = project_dictionary(dictionary, similarity, torch.float64)
     noise = 17.0 if estimator != "softmax" else 0.0  # |g| <= -log(-log(1 - 2^-24)) < 17
     size = ((a * reach).max().item() + (0 if bias is None else bias.abs().max().item())
             + noise)
@@ -322,7 +303,7 @@ def test_hard_histogram_identical_to_torch_backend(dtype):
                                                                    dtype=torch.float64)
     features, dictionary = features.to(dtype).to(DEVICE), dictionary.to(dtype).to(DEVICE)
     args = ("dot", "gumbel_hard", 0.5, 4242, 17)
-    z, *_ = logits64(features, dictionary, *args)
+    z, *_ = projected_logits64(features, dictionary, *args)
     assert top2_margin(z).min() > 1e-3, "test data holds a near-tie"
     hist, _ = ft.histogram_forward(features, dictionary, *args)
     want, _ = chunked.histogram_forward(features, dictionary, *args)

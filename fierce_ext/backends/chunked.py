@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from ..dictionary import derived, project_dictionary, row_scale
+from ..dictionary import derived, project_dictionary, row_scale, storage_state
 from ..noise import gumbel_noise
 
 NAME = "torch"
@@ -98,8 +98,7 @@ class _Kept:
     def key(features, dictionary, *options):
         if features.is_inference() or dictionary.is_inference():
             return None  # no version counters
-        return tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype,
-                      t.device) for t in (features, dictionary)) + options
+        return (storage_state(features), storage_state(dictionary)) + options
 
     def put(self, key, value) -> None:
         with self._lock:
@@ -122,6 +121,8 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
     rows = features.shape[0]
     # On the CPU only: the backward's values check (torch.equal) would be a host sync on a GPU.
     keep = features.device.type == "cpu" and rows * proj.heads * proj.bins <= CHUNK_ELEMENTS
+    key = _Kept.key(features, dictionary, similarity, estimator, tau, seed, row_offset) \
+        if keep else None
     histogram = torch.zeros(proj.heads, proj.bins, dtype=dtype, device=features.device)
     lse = torch.empty(rows, proj.heads, dtype=dtype, device=features.device)
     for start, stop in _chunks(rows, proj.heads, proj.bins):
@@ -129,10 +130,8 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
         s = _chunk_similarity(r, row_scale(r, similarity), proj)
         z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
         lse[start:stop] = chunk_lse = torch.logsumexp(z, dim=-1)
-        if keep:
-            key = _Kept.key(features, dictionary, similarity, estimator, tau, seed, row_offset)
-            if key is not None:
-                _kept.put(key, (features.clone(), s, z))
+        if key is not None:  # one chunk: this is the whole batch
+            _kept.put(key, (features.clone(), s, z))
         if estimator == "gumbel_hard":
             winners = z.argmax(dim=-1)  # ties go to the lowest bin, as torch.argmax documents
             histogram.scatter_add_(1, winners.T, torch.ones_like(winners.T, dtype=dtype))

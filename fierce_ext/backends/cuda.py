@@ -11,8 +11,9 @@ The extension registers two ops (CUDA kernels only):
 This module adapts them to the backend interface: it projects the dictionary once per
 (dictionary, version, similarity, dtype) (vt = v laid out bins-major (C, K, D) in the features'
 dtype, bias c (C, K) in the compute dtype; dictionary.project_dictionary and .derived), and it
-registers the ops' fake implementations so torch.compile and torch.library.opcheck can trace them. Importing it never imports the extension; a missing or
-broken extension only makes `unavailable_reason` say why.
+registers the ops' fake implementations so torch.compile and torch.library.opcheck can trace
+them. Importing it never imports the extension; a missing or broken extension only makes
+`unavailable_reason` say why.
 
 Precision of float32 features: the logit and gradient GEMMs use tf32 tensor cores unless the
 environment variable FIERCE_EXT_FP32_PRECISION is "ieee" (exact float32 FMAs). The default is

@@ -41,11 +41,12 @@ if not torch.cuda.is_available():  # conftest.py skips this folder too; never ru
 import fierce_ext  # noqa: E402
 from fierce_ext.backends import chunked  # noqa: E402
 from fierce_ext.backends import fused_triton as ft  # noqa: E402
-from fierce_ext.dictionary import bin_dictionary, project_dictionary, row_scale  # noqa: E402
+from fierce_ext.dictionary import bin_dictionary  # noqa: E402
 from fierce_ext.noise import SEED_LIMIT, gumbel_noise, random_words  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from paper_baseline import paper_similarity  # noqa: E402
+from oracle import projected_logits64, top2_margin  # noqa: E402
 
 DEVICE = torch.device("cuda")
 # name: (features dtype, fp32 precision, unit roundoff of the dot operands or None for (D+2) eps)
@@ -107,32 +108,6 @@ def oracle64(features, dictionary, grad, similarity, estimator, tau, seed, row_o
     return hist, lse, grad_features
 
 
-def logits64(features, dictionary, similarity, estimator, tau, seed, row_offset):
-    """float64 (z, s, v, a, bias) of the projected form."""
-    r = features.double()
-    v, bias = project_dictionary(dictionary, similarity, torch.float64)
-    s = torch.einsum("bd,hdk->bhk", r, v)
-    a = row_scale(r, similarity)
-    if a is not None:
-        s = s * a[:, :, None]
-    if bias is not None:
-        s = s + bias
-    z = s
-    if estimator != "softmax":
-        rows, heads, bins = s.shape
-        z = s + gumbel_noise(seed, rows, heads, bins, row_offset, device=DEVICE,
-                             dtype=torch.float64)
-    a = torch.ones(r.shape[0], dtype=torch.float64, device=DEVICE) if a is None else a[:, 0]
-    return z / tau, s, v, a, bias
-
-
-def top2_margin(z):
-    if z.shape[-1] == 1:
-        return torch.full(z.shape[:-1], math.inf, dtype=z.dtype, device=z.device)
-    top = z.topk(2, dim=-1).values
-    return top[..., 0] - top[..., 1]
-
-
 def flipped_rows(hist, want, rows):
     """Rows that changed bin, per head: each moves 1/B of mass out of one bin into another."""
     return (hist.double() - want).abs().sum(dim=1) * rows / 2
@@ -145,8 +120,8 @@ def check_against_oracle(result, want, features, dictionary, grad, similarity, e
     compute = torch.float64 if features.dtype == torch.float64 else torch.float32
     assert hist.dtype == lse.dtype == compute and grad_features.dtype == features.dtype
     assert grad_features.shape == features.shape
-    z, s, v, a, bias = logits64(features, dictionary, similarity, estimator, tau, seed,
-                                row_offset)
+    z, s, v, a, bias = projected_logits64(features, dictionary, similarity, estimator, tau,
+                                          seed, row_offset)
     rows, dim = features.shape
     eps = 2.0**-53 if features.dtype == torch.float64 else 2.0**-24
     if u is None:
@@ -262,7 +237,7 @@ def test_float64_matches_torch_backend(estimator):
     hist, lse, grad_features = run_triton(features, dictionary, grad, *args)
     want_hist, want_lse, want_grad = oracle64(features, dictionary, grad, *args)
     if estimator == "gumbel_hard":
-        z, *_ = logits64(features, dictionary, *args)
+        z, *_ = projected_logits64(features, dictionary, *args)
         assert top2_margin(z).min() > 1e-9, "test data holds a float64 near-tie"
         assert torch.equal(hist, want_hist)
     else:
@@ -285,7 +260,7 @@ def test_hard_histogram_matches_torch_backend_float32(mode):
         want, _ = chunked.histogram_forward(features, dictionary, *args)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    z, *_ = logits64(features, dictionary, *args)
+    z, *_ = projected_logits64(features, dictionary, *args)
     zerr = (2 * (DESIGN[1] + 2) * 2.0**-24) * (math.sqrt(DESIGN[1]) + 17) / 0.5
     ties = (top2_margin(z) < 2 * zerr).sum(dim=0).double()
     flips = flipped_rows(hist, want.double(), DESIGN[0])
