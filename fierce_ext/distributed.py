@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .ops import histogram_op
+from . import ops
 
 
 def active_group(process_group=None):
@@ -91,10 +91,10 @@ def batch_layout(rows: int, seed: Tensor, device: torch.device, group) -> tuple[
 def global_histogram(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
                      estimator: str, tau: float, row_offset: int, backend: str, group) -> Tensor:
     """The histogram (C, K) of the global batch of `group`, on every rank (arguments as for
-    `fierce_ext.ops.histogram_op`; `row_offset` is added to the global offset of this rank)."""
+    `fierce_ext.ops.histogram`; `row_offset` is added to the global offset of this rank)."""
     rows = features.shape[0]
     before, total, seed = batch_layout(rows, seed, features.device, group)
-    local, _ = histogram_op(features, dictionary, seed, similarity, estimator, tau,
-                            row_offset + before, backend)
+    local, _ = ops.histogram(features, dictionary, seed, similarity, estimator, tau,
+                             row_offset + before, backend)
     # Weight by the local batch size so that uneven splits average over rows, not ranks.
     return all_reduce_sum(local * rows, group) / total

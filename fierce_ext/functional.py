@@ -27,7 +27,7 @@ from torch.fx.experimental.symbolic_shapes import guard_scalar
 from . import backends, distributed
 from .dictionary import SIMILARITIES, uniform_dictionary
 from .noise import SEED_LIMIT, draw_seed
-from .ops import histogram_op
+from . import ops
 
 ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
 REDUCTIONS = ("mean", "none")
@@ -78,8 +78,8 @@ def _checked_histogram(features, dictionary, similarity, estimator, tau, seed, b
     if group is not None:
         return distributed.global_histogram(features, dictionary, seed_tensor, similarity,
                                             estimator, tau, row_offset, name, group)
-    hist, _ = histogram_op(features, dictionary, seed_tensor, similarity, estimator, tau,
-                           row_offset, name)
+    hist, _ = ops.histogram(features, dictionary, seed_tensor, similarity, estimator, tau,
+                            row_offset, name)
     return hist
 
 

@@ -2,7 +2,8 @@
 
 Each compile costs seconds on the CPU machines, so the compiled functions are few: one training
 step (model + FIERCELoss, fixed seed), `entropy` with the default dictionary and a fixed seed, and
-`entropy` with seed=None. All use fullgraph=True, so any graph break fails the test.
+`entropy` with seed=None. All use fullgraph=True, so any graph break fails the test. Traced
+calls go through the custom ops, plain eager calls skip them: both paths are compared here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fierce_ext
 from fierce_ext.ops import histogram_backward_op, histogram_op
@@ -44,6 +46,10 @@ def test_compiled_training_step_matches_eager():
     assert any(p.grad.abs().sum() > 0 for p in model.body.parameters())
 
 
+def _calls(graphs, op) -> bool:
+    return any(node.target is op for graph in graphs for node in graph.graph.nodes)
+
+
 def test_compiled_entropy_default_dictionary_fixed_seed():
     torch.manual_seed(1)
     x = torch.randn(40, 5, requires_grad=True)
@@ -53,11 +59,15 @@ def test_compiled_entropy_default_dictionary_fixed_seed():
 
     expected = fn(x)
     (expected_grad,) = torch.autograd.grad(expected, x)
-    value = torch.compile(fn, fullgraph=True)(x)
+    recorder = torch._dynamo.testing.AotEagerAndRecordGraphs()
+    value = torch.compile(fn, fullgraph=True, backend=recorder)(x)
     (grad,) = torch.autograd.grad(value, x)
     torch.testing.assert_close(value, expected)
     torch.testing.assert_close(grad, expected_grad)
     assert grad.abs().sum() > 0
+    # Traced, the backend runs inside the custom ops (eager calls skip their dispatch).
+    assert _calls(recorder.fw_graphs, torch.ops.fierce_ext.histogram.default)
+    assert _calls(recorder.bw_graphs, torch.ops.fierce_ext.histogram_backward.default)
 
 
 def test_compiled_entropy_seed_none_draws_from_default_generator():
@@ -105,6 +115,61 @@ def test_opcheck_histogram_ops(backend, similarity, estimator, dtype):
     torch.library.opcheck(histogram_backward_op,
                           (grad_histogram, features.detach(), dictionary, lse, seed, similarity,
                            estimator, 0.7, 3, backend))
+
+
+class _RecordOps(TorchDispatchMode):
+    """Runs every op unchanged and records it; while active, fierce_ext takes its traced path."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("estimator", ["gumbel_hard", "gumbel_soft", "softmax"])
+def test_eager_call_and_custom_op_path_agree(backend, estimator, monkeypatch):
+    # Plain eager calls run the backend directly; under a dispatch mode (as under tracing) the
+    # same computation goes through the custom ops. Both must give the same bits.
+    torch.manual_seed(3)
+    x = torch.randn(33, 7, requires_grad=True)
+    dictionary = fierce_ext.uniform_dictionary(7, 12, 2)
+
+    def value_and_grad():
+        value = fierce_ext.entropy(x, dictionary, seed=5, tau=0.6, estimator=estimator,
+                                   backend=backend)
+        return value, torch.autograd.grad(value, x)[0]
+
+    with monkeypatch.context() as patch:
+        for name in ("histogram_op", "histogram_backward_op"):
+            patch.setattr(fierce_ext.ops, name, lambda *args: pytest.fail("custom op called"))
+        value, grad = value_and_grad()
+    recorder = _RecordOps()
+    with recorder:
+        traced_value, traced_grad = value_and_grad()
+    assert torch.ops.fierce_ext.histogram.default in recorder.ops
+    assert torch.ops.fierce_ext.histogram_backward.default in recorder.ops
+    assert torch.equal(value, traced_value) and torch.equal(grad, traced_grad)
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_double_backward_is_an_error_not_a_number(backend):
+    # No second derivative exists: create_graph=True still gives the first-order gradient, and
+    # differentiating that gradient raises instead of returning a plausible number.
+    x = torch.randn(16, 4, requires_grad=True)
+    dictionary = fierce_ext.uniform_dictionary(4, 8)
+
+    def entropy():
+        return fierce_ext.entropy(x, dictionary, seed=1, estimator="softmax", backend=backend)
+
+    (grad,) = torch.autograd.grad(entropy(), x, create_graph=True)
+    torch.testing.assert_close(grad, torch.autograd.grad(entropy(), x)[0], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(grad.square().sum(), x)
 
 
 def test_eager_argument_errors_unchanged():
