@@ -52,6 +52,21 @@ def test_words_match_numpy_bit_for_bit(seed, rows, heads, bins, row_offset):
     np.testing.assert_array_equal(got.numpy(), expected.astype(np.int64))
 
 
+def test_cpu_blocks_and_torch_form_match_numpy():
+    # The CPU draws CPU_BLOCK counters at a time with the paired numpy rounds; other devices use
+    # the four-word torch form. Both against the oracle, across block boundaries.
+    seed, rows, heads, bins, offset = 2**40 + 99, 601, 3, 37, 2**31 + 5  # 18030 counters
+    expected = numpy_random_words(seed, rows, heads, bins, offset).astype(np.int64)
+    assert rows * heads * -(-bins // 4) > 2 * noise.CPU_BLOCK
+    np.testing.assert_array_equal(noise.random_words(seed, rows, heads, bins, offset).numpy(),
+                                  expected)
+    quads = -(-bins // 4)
+    torch_words = noise._words_torch(offset * heads * quads, rows * heads * quads,
+                                     (seed & noise.MASK32, seed >> 32), "cpu")
+    np.testing.assert_array_equal(
+        torch_words.view(rows, heads, quads * 4)[:, :, :bins].numpy(), expected)
+
+
 def test_counter_crosses_32_bits():
     # One head, 4 bins -> one counter per row: rows 2^32-2 .. 2^32+1 straddle the boundary, and
     # must not repeat the words of rows 0 .. 3 (a 32-bit counter would wrap onto them).
