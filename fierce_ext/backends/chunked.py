@@ -8,8 +8,8 @@ seed) and turns dL/dp into dL/dr with the closed form of ../DESIGN.md:
     dr_b         = a_b * sum_hk delta[b,h,k] v[h,:,k]  -  [cosine] a_b^2 (sum_hk delta s) r_b
 
 Peak extra memory is O(chunk * C * K + B * C), never O(B * C * K). On the CPU, a batch that fits
-in one chunk keeps that chunk's similarities and logits from the forward until its backward, which
-then skips the recompute (a GEMM and a noise draw); see `_Kept`.
+in one chunk keeps that chunk's row scale, similarities and logits from the forward until its
+backward, which then skips the recompute (a GEMM and a noise draw); see `_Kept`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import threading
 
+import numpy as np
 import torch
 
 from ..dictionary import derived, project_dictionary, row_scale, storage_state
@@ -67,8 +68,8 @@ def _chunk_logits(s, estimator, tau, seed, row_start):
     if estimator == "softmax":
         return s / tau
     n, heads, bins = s.shape
-    g = gumbel_noise(seed, n, heads, bins, row_start, device=s.device, dtype=s.dtype)
-    return (s + g) / tau
+    z = gumbel_noise(seed, n, heads, bins, row_start, device=s.device, dtype=s.dtype).add_(s)
+    return z if tau == 1.0 else z.div_(tau)
 
 
 def _projected(dictionary, similarity, dtype) -> _Projected:
@@ -77,12 +78,13 @@ def _projected(dictionary, similarity, dtype) -> _Projected:
 
 
 class _Kept:
-    """(features, s, z) of one-chunk batches from the forward, for the backward of the same call.
+    """(features, row scale, s, z) of one-chunk batches from the forward, for the backward of
+    the same call.
 
     The key holds what the logits depend on: the features' and the dictionary's storage, layout
     and version counters, and the op's arguments. Version counters miss changes made through
     `.data` (gradcheck perturbs its inputs that way), so an entry also holds a copy of the
-    features and the backward uses it only if the values are still equal (a copy of B x D,
+    features and the backward uses it only if the bits are still equal (a copy of B x D,
     against the B x C x K x D GEMM it saves). The backward takes its entry out, so nothing
     outlives a training step; forwards without a backward (evaluation) leave at most ENTRIES
     entries behind.
@@ -114,12 +116,21 @@ class _Kept:
 
 _kept = _Kept()
 
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two CPU tensors of one dtype and shape hold the same bits (the same bits give the
+    same logits). numpy compares ~3x faster than torch.equal, which also says NaN != NaN."""
+    as_int = _INT_OF_SIZE[a.element_size()]
+    return np.array_equal(a.detach().view(as_int).numpy(), b.detach().view(as_int).numpy())
+
 
 def histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
     dtype = _compute_dtype(features)
     proj = _projected(dictionary, similarity, dtype)
     rows = features.shape[0]
-    # On the CPU only: the backward's values check (torch.equal) would be a host sync on a GPU.
+    # On the CPU only: the backward's check of the features' bits would be a host sync on a GPU.
     keep = features.device.type == "cpu" and rows * proj.heads * proj.bins <= CHUNK_ELEMENTS
     key = _Kept.key(features, dictionary, similarity, estimator, tau, seed, row_offset) \
         if keep else None
@@ -127,11 +138,12 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
     lse = torch.empty(rows, proj.heads, dtype=dtype, device=features.device)
     for start, stop in _chunks(rows, proj.heads, proj.bins):
         r = features[start:stop].to(dtype)
-        s = _chunk_similarity(r, row_scale(r, similarity), proj)
+        scale = row_scale(r, similarity)
+        s = _chunk_similarity(r, scale, proj)
         z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
         lse[start:stop] = chunk_lse = torch.logsumexp(z, dim=-1)
         if key is not None:  # one chunk: this is the whole batch
-            _kept.put(key, (features.clone(), s, z))
+            _kept.put(key, (features.clone(), scale, s, z))
         if estimator == "gumbel_hard":
             winners = z.argmax(dim=-1)  # ties go to the lowest bin, as torch.argmax documents
             histogram.scatter_add_(1, winners.T, torch.ones_like(winners.T, dtype=dtype))
@@ -152,21 +164,28 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
     grad_features = torch.empty_like(features)
     key = _Kept.key(features, dictionary, similarity, estimator, tau, seed, row_offset)
     kept = _kept.take(key) if key is not None else None
-    if kept is not None and not torch.equal(kept[0], features):
+    if kept is not None and not _same_bits(kept[0], features):
         kept = None
+    # fp32/fp64 features: the GEMM writes the gradient rows in place.
+    write_in_place = features.dtype == dtype and grad_features.is_contiguous()
     for start, stop in _chunks(rows, proj.heads, proj.bins):
         r = features[start:stop].to(dtype)
-        scale = row_scale(r, similarity)
-        if kept is not None:  # one chunk: the forward's own s and z
-            _, s, z = kept
+        if kept is not None:  # one chunk: the forward's own row scale, s and z
+            _, scale, s, z = kept
         else:
+            scale = row_scale(r, similarity)
             s = _chunk_similarity(r, scale, proj)
             z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
         y = torch.exp(z - lse[start:stop, :, None])
         expected = (y * grad).sum(dim=-1, keepdim=True)
-        delta = y * (grad - expected) / (rows * tau)
-        dr = delta.view(stop - start, -1) @ proj.matrix.T
-        if scale is not None:  # cosine: a_b (delta . v) minus the derivative of a_b
-            dr = scale * dr - (scale * scale) * (delta * s).sum(dim=(1, 2))[:, None] * r
-        grad_features[start:stop] = dr.to(features.dtype)
+        delta = y.mul_(grad - expected).div_(rows * tau)  # y is not needed again
+        delta_rows = delta.view(stop - start, -1)
+        out = grad_features[start:stop] if write_in_place else None
+        if scale is None:
+            dr = torch.mm(delta_rows, proj.matrix.T, out=out)
+        else:  # cosine: a_b (delta . v) - a_b^2 (sum_hk delta s) r_b, a_b applied to delta
+            correction = (scale * scale) * (delta * s).sum(dim=(1, 2))[:, None]
+            dr = torch.addmm(r * -correction, delta_rows * scale, proj.matrix.T, out=out)
+        if not write_in_place:
+            grad_features[start:stop] = dr
     return grad_features
