@@ -20,7 +20,8 @@ How it is measured:
   torch.cuda.max_memory_allocated() during one forward+backward minus the memory allocated
   before it (inputs and dictionary excluded, the feature gradient included).
 * CPU: the median of repeated time.perf_counter() measurements after a warm-up (backward alone:
-  a fresh untimed forward before each timed backward). Memory: tracemalloc does not see torch's
+  a fresh untimed forward before each timed backward). The backends of a shape take turns
+  (CPU_ROUNDS rounds), so that a shared machine's changing load weighs on all of them alike. Memory: tracemalloc does not see torch's
   allocations, so each (shape, dtype) is measured in a fresh subprocess: per backend one warm-up
   forward+backward, then the kernel's peak-RSS mark is reset (/proc/self/clear_refs) and one
   forward+backward runs; extra = peak RSS (VmHWM) minus RSS before it. glibc is told to mmap
@@ -183,36 +184,63 @@ def cuda_median_ms(fn, grad_to_none=None):
     return float(do_bench(fn, grad_to_none=grad_to_none, return_mode="median"))
 
 
-def time_case(fn, features, device, quick, record=None):
-    """(forward ms, backward ms, forward+backward ms); on CPU the fwd+bwd repeats go to
-    `record` (a shared machine's load shows as their spread)."""
-    def forward():
-        return fn(features)
+def _warm_up(fn, features, device):
+    for _ in range(2):  # compilation, autotuning, lazy initialisation
+        fn(features).backward()
+        features.grad = None
+    _sync(device)
 
+
+def time_cuda_case(fn, features):
+    """(forward ms, backward ms, forward+backward ms) on CUDA."""
     def forward_backward():
         fn(features).backward()
         features.grad = None
 
-    forward_backward()  # warm-up: compilation, autotuning, lazy initialisation
-    forward_backward()
-    _sync(device)
-    if device.type == "cuda":
-        fwd = cuda_median_ms(forward)
-        fwdbwd = cuda_median_ms(forward_backward, grad_to_none=[features])
-        try:
-            out = fn(features)
-            bwd = cuda_median_ms(lambda: out.backward(retain_graph=True),
-                                 grad_to_none=[features])
-        except RuntimeError:  # a graph that cannot be replayed: time each backward alone
-            bwd = _cuda_event_backward_ms(fn, features)
-        features.grad = None
-        return fwd, bwd, fwdbwd
-    kwargs = dict(min_reps=1, max_reps=2, min_time=0.0) if quick else {}
-    fwd = cpu_median_ms(forward, **kwargs)
-    bwd = cpu_median_ms(lambda out: out.backward(), setup=lambda: (fn(features),), **kwargs)
+    fwd = cuda_median_ms(lambda: fn(features))
+    fwdbwd = cuda_median_ms(forward_backward, grad_to_none=[features])
+    try:
+        out = fn(features)
+        bwd = cuda_median_ms(lambda: out.backward(retain_graph=True), grad_to_none=[features])
+    except RuntimeError:  # a graph that cannot be replayed: time each backward alone
+        bwd = _cuda_event_backward_ms(fn, features)
     features.grad = None
-    fwdbwd = cpu_median_ms(forward_backward, record=record, **kwargs)
     return fwd, bwd, fwdbwd
+
+
+# The backends of one shape take turns on the CPU, this many rounds of >= 0.1 s per measure, so
+# that a change in the machine's load during the run weighs on all of them alike.
+CPU_ROUNDS = 5
+
+
+def time_cpu_cases(cases, quick):
+    """For each (fn, features) of one shape: (forward ms, backward ms, forward+backward ms,
+    every forward+backward time) on the CPU, medians over all rounds; or the exception that
+    stopped that case."""
+    kwargs = (dict(min_reps=1, max_reps=2, min_time=0.0) if quick
+              else dict(min_reps=1, max_reps=20, min_time=0.5 / CPU_ROUNDS))
+    times = [([], [], []) for _ in cases]
+    errors = [None] * len(cases)
+    for _ in range(1 if quick else CPU_ROUNDS):
+        for i, ((fn, features), (fwd, bwd, fwdbwd)) in enumerate(zip(cases, times)):
+            if errors[i] is not None:
+                continue
+
+            def forward_backward():
+                fn(features).backward()
+                features.grad = None
+
+            try:
+                cpu_median_ms(lambda: fn(features), record=fwd, **kwargs)
+                cpu_median_ms(lambda out: out.backward(), setup=lambda: (fn(features),),
+                              record=bwd, **kwargs)
+                features.grad = None
+                cpu_median_ms(forward_backward, record=fwdbwd, **kwargs)
+            except Exception as error:
+                errors[i] = error
+    return [error or (statistics.median(fwd), statistics.median(bwd), statistics.median(fwdbwd),
+                      fwdbwd)
+            for error, (fwd, bwd, fwdbwd) in zip(errors, times)]
 
 
 # Shapes this small are launch-bound: the eager time is mostly the host's per-call cost (Python,
@@ -352,6 +380,80 @@ def device_tag(device):
     return "cpu"
 
 
+def _failed(row, error, shape_name, dtype_name, backend):
+    from tqdm import tqdm
+
+    row["skipped"] = f"failed: {type(error).__name__}: {error}"[:300]
+    tqdm.write(f"FAILED {shape_name} {dtype_name} {backend}: {row['skipped']}")
+
+
+def measure_shape(shape_name, dtype_name, backends, device, args, bar):
+    """The rows of one (shape, dtype): every backend timed (on the CPU taking turns, see
+    time_cpu_cases), its memory, and its rate against the shape's GEMM floor."""
+    from tqdm import tqdm
+
+    shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
+    batch, dim, heads, bins = shape
+    floor = gemm_ms(shape, dtype, device, args.quick)
+    _release(device)
+    rows, cpu_cases = [], []
+    for backend in backends:
+        bar.set_postfix_str(f"{shape_name} {dtype_name} {backend}")
+        row = dict(shape=shape_name, B=batch, D=dim, C=heads, K=bins, dtype=dtype_name,
+                   backend=backend)
+        rows.append(row)
+        skip = skip_reason(backend, shape, dtype, args.similarity, device)
+        if skip:
+            row["skipped"] = skip
+            tqdm.write(f"skip {shape_name} {dtype_name} {backend}: {skip}")
+            bar.update()
+            continue
+        features, dictionary = make_inputs(shape, dtype, device)
+        fn = make_fn(backend, dictionary, args.similarity, args.estimator)
+        try:  # report and continue: one broken backend is a result
+            _warm_up(fn, features, device)
+            if device.type == "cuda":
+                row["fwd_ms"], row["bwd_ms"], row["fwdbwd_ms"] = time_cuda_case(fn, features)
+                row["extra_mib"] = cuda_extra_mib(fn, features, device)
+                if batch * heads * bins <= GRAPH_MAX_LOGITS:
+                    row["graph_fwdbwd_ms"], why = cuda_graph_fwdbwd_ms(fn, features)
+                    if why:
+                        row["graph_note"] = why
+            else:
+                cpu_cases.append((row, fn, features))
+        except Exception as error:
+            _failed(row, error, shape_name, dtype_name, backend)
+        del features, dictionary, fn  # the CPU cases keep theirs until they are timed
+        _release(device)
+        bar.update()
+
+    if cpu_cases:
+        timed = time_cpu_cases([(fn, features) for _, fn, features in cpu_cases], args.quick)
+        for (row, _, _), result in zip(cpu_cases, timed):
+            if isinstance(result, Exception):
+                _failed(row, result, shape_name, dtype_name, row["backend"])
+                continue
+            fwd, bwd, fwdbwd, repeats = result
+            row.update(fwd_ms=fwd, bwd_ms=bwd, fwdbwd_ms=fwdbwd, fwdbwd_min_ms=min(repeats),
+                       fwdbwd_repeats=len(repeats))
+        cpu_cases.clear()
+        measured = [row["backend"] for row in rows if "fwdbwd_ms" in row]
+        values, why = cpu_memory(shape, dtype_name, measured, args) if measured else ({}, None)
+        for row in rows:
+            if "fwdbwd_ms" in row:
+                row["extra_mib"] = values.get(row["backend"])
+                if why:
+                    row["memory_note"] = why
+
+    flops = 3 * 2 * batch * dim * heads * bins
+    for row in rows:
+        if "fwdbwd_ms" in row:
+            row.update(gemm_ms=floor, floor_ms=3 * floor,
+                       tflops=flops / (row["fwdbwd_ms"] * 1e-3) / 1e12,
+                       x_floor=row["fwdbwd_ms"] / (3 * floor))
+    return rows
+
+
 def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -379,62 +481,12 @@ def run(args):
     from tqdm import tqdm
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    rows, floors = [], {}
-    cases = [(s, d, b) for s in shape_names for d in dtype_names for b in backends]
-    bar = tqdm(cases, desc="benchmark", unit="case")
-    memory = {}
-    for shape_name, dtype_name, backend in bar:
-        bar.set_postfix_str(f"{shape_name} {dtype_name} {backend}")
-        shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
-        batch, dim, heads, bins = shape
-        row = dict(shape=shape_name, B=batch, D=dim, C=heads, K=bins, dtype=dtype_name,
-                   backend=backend)
-        key = (shape_name, dtype_name)
-        if key not in floors:
-            floors[key] = gemm_ms(shape, dtype, device, args.quick)
-            _release(device)
-        skip = skip_reason(backend, shape, dtype, args.similarity, device)
-        if skip:
-            row["skipped"] = skip
-            tqdm.write(f"skip {shape_name} {dtype_name} {backend}: {row['skipped']}")
-            rows.append(row)
-            continue
-        features, dictionary = make_inputs(shape, dtype, device)
-        fn = make_fn(backend, dictionary, args.similarity, args.estimator)
-        try:
-            repeats = []
-            fwd, bwd, fwdbwd = time_case(fn, features, device, args.quick, repeats)
-            if repeats:
-                row["fwdbwd_min_ms"], row["fwdbwd_repeats"] = min(repeats), len(repeats)
-            if device.type == "cuda":
-                row["extra_mib"] = cuda_extra_mib(fn, features, device)
-                if batch * heads * bins <= GRAPH_MAX_LOGITS:
-                    row["graph_fwdbwd_ms"], why = cuda_graph_fwdbwd_ms(fn, features)
-                    if why:
-                        row["graph_note"] = why
-        except Exception as error:  # report and continue: one broken backend is a result
-            row["skipped"] = f"failed: {type(error).__name__}: {error}"[:300]
-            tqdm.write(f"FAILED {shape_name} {dtype_name} {backend}: {row['skipped']}")
-            rows.append(row)
-            features = dictionary = fn = None  # drop the references before releasing memory
-            _release(device)
-            continue
-        flops = 3 * 2 * batch * dim * heads * bins
-        row.update(fwd_ms=fwd, bwd_ms=bwd, fwdbwd_ms=fwdbwd, gemm_ms=floors[key],
-                   floor_ms=3 * floors[key], tflops=flops / (fwdbwd * 1e-3) / 1e12,
-                   x_floor=fwdbwd / (3 * floors[key]))
-        if device.type != "cuda":
-            if key not in memory:
-                measured = [b for b in backends
-                            if not skip_reason(b, shape, dtype, args.similarity, device)]
-                memory[key] = cpu_memory(shape, dtype_name, measured, args)
-            values, why = memory[key]
-            row["extra_mib"] = values.get(backend)
-            if why:
-                row["memory_note"] = why
-        del features, dictionary, fn
-        _release(device)
-        rows.append(row)
+    rows = []
+    bar = tqdm(total=len(shape_names) * len(dtype_names) * len(backends), desc="benchmark",
+               unit="case")
+    for shape_name in shape_names:
+        for dtype_name in dtype_names:
+            rows += measure_shape(shape_name, dtype_name, backends, device, args, bar)
     bar.close()
 
     paper = {(r["shape"], r["dtype"]): r.get("fwdbwd_ms") for r in rows
@@ -455,7 +507,8 @@ def run(args):
         load_average_end=os.getloadavg() if hasattr(os, "getloadavg") else None,
         not_measured=notes,
         timing=("triton.testing.do_bench median" if device.type == "cuda"
-                else "median of time.perf_counter repeats (>= 3 runs, >= 0.5 s)"),
+                else f"median of time.perf_counter repeats, the backends of a shape taking "
+                     f"turns ({CPU_ROUNDS} rounds of >= {0.5 / CPU_ROUNDS:g} s per measure)"),
         memory=("torch.cuda.max_memory_allocated during fwd+bwd minus allocated before"
                 if device.type == "cuda" else
                 "peak RSS (VmHWM after clear_refs) minus RSS before, fresh subprocess per "
