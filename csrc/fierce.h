@@ -25,19 +25,15 @@ enum class GemmMode : int {
 enum Estimator : int { kGumbelHard = 0, kGumbelSoft = 1, kSoftmax = 2 };
 
 // Pointers are device pointers to contiguous tensors. "acc" is float, or double for kDouble.
-struct ForwardParams {
+// What both directions share: the inputs, the sizes and the options of one problem.
+struct Problem {
   const void* features;  // (B, D), features dtype
   const void* vt;        // (C, K, D), features dtype: the projected dictionary, bins-major
   const void* bias;      // (C, K) acc, or nullptr when the similarity has none
-  void* histogram;       // (C, K) acc, out
-  void* lse;             // (B, C) acc, out
-  void* partials;        // (P, C, K): int32 counts (gumbel_hard) or acc sums, workspace
-  int* flags;            // (P, C) int32 workspace: a block saw a non-finite log-sum-exp
   int64_t rows;          // B
   int dim;               // D
   int heads;             // C
   int bins;              // K
-  int blocks_per_head;   // P: row-tile groups per head (each block walks tiles p, p+P, ...)
   bool cosine;           // rows scaled by 1/|r_b|
   int estimator;
   double tau;
@@ -45,24 +41,20 @@ struct ForwardParams {
   uint64_t row_offset;
 };
 
-struct BackwardParams {
+struct ForwardParams : Problem {
+  void* histogram;       // (C, K) acc, out
+  void* lse;             // (B, C) acc, out
+  void* partials;        // (P, C, K): int32 counts (gumbel_hard) or acc sums, workspace
+  int* flags;            // (P, C) int32 workspace: a block saw a non-finite log-sum-exp
+  int blocks_per_head;   // P: row-tile groups per head (each block walks tiles p, p+P, ...)
+};
+
+struct BackwardParams : Problem {
   const void* grad_histogram;  // (C, K) acc
-  const void* features;        // (B, D)
-  const void* vt;              // (C, K, D)
-  const void* bias;            // (C, K) acc or nullptr
   const void* lse;             // (B, C) acc, saved by the forward
   void* expected;              // (B, C) acc workspace: sum_k y G, used when K > kTileBins
   void* accumulator;           // (padded_rows, padded_dim) acc workspace for sum delta v
   void* grad_features;         // (B, D) features dtype, out
-  int64_t rows;
-  int dim;
-  int heads;
-  int bins;
-  bool cosine;
-  int estimator;
-  double tau;
-  uint64_t seed;
-  uint64_t row_offset;
 };
 
 // Tile sizes the host needs for workspace shapes.

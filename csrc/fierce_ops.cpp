@@ -135,6 +135,26 @@ int blocks_per_head(int device, int64_t rows, int64_t heads) {
   return static_cast<int>(std::max<int64_t>(1, std::min(tiles, wanted)));
 }
 
+// The Problem of contiguous features r (B, D), projected dictionary v (C, K, D) and bias c
+// (undefined when the similarity has none); sizes were checked to fit by check_common.
+Problem problem_of(const at::Tensor& r, const at::Tensor& v, const at::Tensor& c, bool cosine,
+                   int estimator, double tau, int64_t seed, int64_t row_offset) {
+  Problem problem{};
+  problem.features = r.data_ptr();
+  problem.vt = v.data_ptr();
+  problem.bias = c.defined() ? c.data_ptr() : nullptr;
+  problem.rows = r.size(0);
+  problem.dim = static_cast<int>(r.size(1));
+  problem.heads = static_cast<int>(v.size(0));
+  problem.bins = static_cast<int>(v.size(1));
+  problem.cosine = cosine;
+  problem.estimator = estimator;
+  problem.tau = tau;
+  problem.seed = static_cast<uint64_t>(seed);
+  problem.row_offset = static_cast<uint64_t>(row_offset);
+  return problem;
+}
+
 std::tuple<at::Tensor, at::Tensor> histogram_forward(
     const at::Tensor& features, const at::Tensor& vt, const std::optional<at::Tensor>& bias,
     std::string_view similarity, std::string_view estimator, double tau, int64_t seed,
@@ -149,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_forward(
   const at::Tensor r = features.contiguous();
   const at::Tensor v = vt.contiguous();
   const at::Tensor c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int64_t rows = r.size(0), dim = r.size(1), heads = v.size(0), bins = v.size(1);
+  const int64_t rows = r.size(0), heads = v.size(0), bins = v.size(1);
   const auto acc = r.options().dtype(compute_dtype(r.scalar_type()));
   at::Tensor histogram = at::empty({heads, bins}, acc);
   at::Tensor lse = at::empty({rows, heads}, acc);
@@ -159,23 +179,12 @@ std::tuple<at::Tensor, at::Tensor> histogram_forward(
   at::Tensor flags = at::empty({groups, heads}, r.options().dtype(at::kInt));
 
   ForwardParams params{};
-  params.features = r.data_ptr();
-  params.vt = v.data_ptr();
-  params.bias = c.defined() ? c.data_ptr() : nullptr;
+  static_cast<Problem&>(params) = problem_of(r, v, c, cosine, estimator_id, tau, seed, row_offset);
   params.histogram = histogram.data_ptr();
   params.lse = lse.data_ptr();
   params.partials = partials.data_ptr();
   params.flags = flags.data_ptr<int>();
-  params.rows = rows;
-  params.dim = static_cast<int>(dim);
-  params.heads = static_cast<int>(heads);
-  params.bins = static_cast<int>(bins);
   params.blocks_per_head = groups;
-  params.cosine = cosine;
-  params.estimator = estimator_id;
-  params.tau = tau;
-  params.seed = static_cast<uint64_t>(seed);
-  params.row_offset = static_cast<uint64_t>(row_offset);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   check_cuda(launch_histogram_forward(mode, params, stream), "the histogram forward launch");
   return {histogram, lse};
@@ -218,23 +227,12 @@ at::Tensor histogram_backward(const at::Tensor& grad_histogram, const at::Tensor
   at::Tensor accumulator = at::empty({padded_rows(rows), padded_dim(dim)}, acc);
 
   BackwardParams params{};
+  static_cast<Problem&>(params) = problem_of(r, v, c, cosine, estimator_id, tau, seed, row_offset);
   params.grad_histogram = g.data_ptr();
-  params.features = r.data_ptr();
-  params.vt = v.data_ptr();
-  params.bias = c.defined() ? c.data_ptr() : nullptr;
   params.lse = l.data_ptr();
   params.expected = expected.defined() ? expected.data_ptr() : nullptr;
   params.accumulator = accumulator.data_ptr();
   params.grad_features = grad_features.data_ptr();
-  params.rows = rows;
-  params.dim = static_cast<int>(dim);
-  params.heads = static_cast<int>(heads);
-  params.bins = static_cast<int>(bins);
-  params.cosine = cosine;
-  params.estimator = estimator_id;
-  params.tau = tau;
-  params.seed = static_cast<uint64_t>(seed);
-  params.row_offset = static_cast<uint64_t>(row_offset);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   check_cuda(launch_histogram_backward(mode, params, stream), "the histogram backward launch");
   return grad_features;

@@ -5,6 +5,29 @@
 // All pointers are host memory; workspaces are the caller's (any contents).
 #include "../fierce_kernels.cu"
 
+namespace {
+
+fierce::Problem emulated_problem(const void* features, const void* vt, const void* bias,
+                                 int64_t rows, int dim, int heads, int bins, int cosine,
+                                 int estimator, double tau, uint64_t seed, uint64_t row_offset) {
+  fierce::Problem problem{};
+  problem.features = features;
+  problem.vt = vt;
+  problem.bias = bias;
+  problem.rows = rows;
+  problem.dim = dim;
+  problem.heads = heads;
+  problem.bins = bins;
+  problem.cosine = cosine != 0;
+  problem.estimator = estimator;
+  problem.tau = tau;
+  problem.seed = seed;
+  problem.row_offset = row_offset;
+  return problem;
+}
+
+}  // namespace
+
 extern "C" {
 
 size_t fierce_emu_forward_shared_bytes(int mode) {
@@ -20,23 +43,13 @@ int fierce_emu_forward(int mode, const void* features, const void* vt, const voi
                        int dim, int heads, int bins, int blocks_per_head, int cosine,
                        int estimator, double tau, uint64_t seed, uint64_t row_offset) {
   fierce::ForwardParams params{};
-  params.features = features;
-  params.vt = vt;
-  params.bias = bias;
+  static_cast<fierce::Problem&>(params) = emulated_problem(
+      features, vt, bias, rows, dim, heads, bins, cosine, estimator, tau, seed, row_offset);
   params.histogram = histogram;
   params.lse = lse;
   params.partials = partials;
   params.flags = flags;
-  params.rows = rows;
-  params.dim = dim;
-  params.heads = heads;
-  params.bins = bins;
   params.blocks_per_head = blocks_per_head;
-  params.cosine = cosine != 0;
-  params.estimator = estimator;
-  params.tau = tau;
-  params.seed = seed;
-  params.row_offset = row_offset;
   return static_cast<int>(
       fierce::launch_histogram_forward(static_cast<fierce::GemmMode>(mode), params, nullptr));
 }
@@ -47,23 +60,13 @@ int fierce_emu_backward(int mode, const void* grad_histogram, const void* featur
                         int bins, int cosine, int estimator, double tau, uint64_t seed,
                         uint64_t row_offset) {
   fierce::BackwardParams params{};
+  static_cast<fierce::Problem&>(params) = emulated_problem(
+      features, vt, bias, rows, dim, heads, bins, cosine, estimator, tau, seed, row_offset);
   params.grad_histogram = grad_histogram;
-  params.features = features;
-  params.vt = vt;
-  params.bias = bias;
   params.lse = lse;
   params.expected = expected;
   params.accumulator = accumulator;
   params.grad_features = grad_features;
-  params.rows = rows;
-  params.dim = dim;
-  params.heads = heads;
-  params.bins = bins;
-  params.cosine = cosine != 0;
-  params.estimator = estimator;
-  params.tau = tau;
-  params.seed = seed;
-  params.row_offset = row_offset;
   return static_cast<int>(
       fierce::launch_histogram_backward(static_cast<fierce::GemmMode>(mode), params, nullptr));
 }
