@@ -286,7 +286,7 @@ def test_seed_extremes(seed):
                             row_offset=2**35)
 
 
-@pytest.mark.parametrize("tau", [0.05, 10.0])
+@pytest.mark.parametrize("tau", [0.05, 10.0, 1e39])  # 1e39: beyond float32, float64 kernels
 def test_temperatures(tau):
     features, dictionary, grad = make_problem(17, 6, 2, 11, seed=9)
     check_against_reference(features, dictionary, grad, "cosine", "gumbel_soft", tau=tau)

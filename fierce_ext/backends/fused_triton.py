@@ -48,8 +48,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 
+import numpy as np
 import torch
 
 from ..dictionary import NORM_EPS, derived, project_dictionary
@@ -97,6 +99,7 @@ MAX_ROW_PROGRAMS = 1024
 INTERPRETER_MAX_BLOCK = {"rows": 128, "bins": 256, "dim": 256}
 
 _MASK32 = 0xFFFFFFFF
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _NEG_INF = tl.constexpr(float("-inf"))
 _NO_BIN = tl.constexpr(2**30)  # larger than any bin index
 _NORM_EPS = tl.constexpr(NORM_EPS)
@@ -437,8 +440,10 @@ def _precision(dot_dtype: torch.dtype) -> str:
 def _split_float(value: float) -> tuple[float, float]:
     """value as hi + lo, two float32s (Triton passes Python floats as fp32; the float64 kernels
     add both halves back and keep about 48 bits)."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    if abs(value) > _FLOAT32_MAX:  # inf + 0, not inf + (-inf) = NaN in the float64 kernels
+        return math.copysign(math.inf, value), 0.0
+    hi = float(np.float32(value))  # round to nearest, like torch's cast; 10x cheaper per call
+    return hi, float(np.float32(value - hi))
 
 
 def _seed_words(seed: int) -> tuple[int, int]:
