@@ -121,6 +121,17 @@ def projected_logits64(features, dictionary, similarity, estimator, tau, seed, r
     return z / tau, s, v, a, bias
 
 
+def backend_pass(backend, features, dictionary, grad, similarity, estimator, tau, seed,
+                 row_offset):
+    """(histogram, lse, grad_features) of a backend module's forward, then its backward of the
+    histogram gradient `grad` (cast to the histogram's dtype)."""
+    hist, lse = backend.histogram_forward(features, dictionary, similarity, estimator, tau, seed,
+                                          row_offset)
+    grad_features = backend.histogram_backward(grad.to(hist.dtype), features, dictionary, lse,
+                                               similarity, estimator, tau, seed, row_offset)
+    return hist, lse, grad_features
+
+
 # ----------------------------------------------------------------- numpy Philox noise rule
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)

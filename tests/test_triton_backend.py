@@ -45,7 +45,7 @@ from fierce_ext.backends import chunked, reference  # noqa: E402
 from fierce_ext.backends import fused_triton as ft  # noqa: E402
 from fierce_ext.dictionary import bin_dictionary  # noqa: E402
 from fierce_ext.noise import SEED_LIMIT, random_words  # noqa: E402
-from oracle import (ESTIMATORS, SIMILARITIES, numpy_random_words,  # noqa: E402
+from oracle import (ESTIMATORS, SIMILARITIES, backend_pass, numpy_random_words,  # noqa: E402
                     projected_logits64, top2_margin)
 
 if ft.unavailable_reason(torch.device("cpu")) is None:
@@ -87,12 +87,8 @@ def make_problem(rows, dim, heads, bins, dtype=torch.float64, seed=0, scale=1.0)
             grad.to(DEVICE))
 
 
-def run_triton(features, dictionary, grad, similarity, estimator, tau, seed, row_offset):
-    hist, lse = ft.histogram_forward(features, dictionary, similarity, estimator, tau, seed,
-                                     row_offset)
-    grad_features = ft.histogram_backward(grad.to(hist.dtype), features, dictionary, lse,
-                                          similarity, estimator, tau, seed, row_offset)
-    return hist, lse, grad_features
+def run_triton(*args):
+    return backend_pass(ft, *args)
 
 
 def run_reference64(features, dictionary, grad, similarity, estimator, tau, seed, row_offset):

@@ -46,7 +46,7 @@ from fierce_ext.noise import SEED_LIMIT, gumbel_noise, random_words  # noqa: E40
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from paper_baseline import paper_similarity  # noqa: E402
-from oracle import projected_logits64, top2_margin  # noqa: E402
+from oracle import backend_pass, projected_logits64, top2_margin  # noqa: E402
 
 DEVICE = torch.device("cuda")
 # name: (features dtype, fp32 precision, unit roundoff of the dot operands or None for (D+2) eps)
@@ -92,12 +92,8 @@ def make_problem(shape, dtype, similarity, seed=0):
     return (features.to(DEVICE, dtype), dictionary.to(DEVICE, dtype), grad.to(DEVICE))
 
 
-def run_triton(features, dictionary, grad, similarity, estimator, tau, seed, row_offset):
-    hist, lse = ft.histogram_forward(features, dictionary, similarity, estimator, tau, seed,
-                                     row_offset)
-    grad_features = ft.histogram_backward(grad.to(hist.dtype), features, dictionary, lse,
-                                          similarity, estimator, tau, seed, row_offset)
-    return hist, lse, grad_features
+def run_triton(*args):
+    return backend_pass(ft, *args)
 
 
 def oracle64(features, dictionary, grad, similarity, estimator, tau, seed, row_offset):
