@@ -1,8 +1,8 @@
 """torch.compile and torch.library checks of the custom ops (CPU).
 
 Each compile costs seconds on the CPU machines, so the compiled functions are few: one training
-step (model + FIERCELoss, fixed seed), `entropy` with the default dictionary and a fixed seed, and
-`entropy` with seed=None. All use fullgraph=True, so any graph break fails the test. Traced
+step (model + FIERCELoss, fixed seed), `entropy` with the default dictionary and a fixed seed (per
+CPU backend, with the cheap aot_eager compiler), and `entropy` with seed=None. All use fullgraph=True, so any graph break fails the test. Traced
 calls go through the custom ops, plain eager calls skip them: both paths are compared here.
 """
 
@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from torch._dynamo.testing import AotEagerAndRecordGraphs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fierce_ext
@@ -50,16 +51,21 @@ def _calls(graphs, op) -> bool:
     return any(node.target is op for graph in graphs for node in graph.graph.nodes)
 
 
-def test_compiled_entropy_default_dictionary_fixed_seed():
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_compiled_entropy_default_dictionary_fixed_seed(backend):
+    status = fierce_ext.available_backends("cpu")[backend]
+    if not status.available:  # triton: only in the interpreter (conftest sets it without a GPU)
+        pytest.skip(f"{backend} cannot run on this CPU: {status.reason}")
     torch.manual_seed(1)
     x = torch.randn(40, 5, requires_grad=True)
 
     def fn(x):
-        return fierce_ext.entropy(x, bins=BINS, heads=3, seed=77, estimator="gumbel_soft")
+        return fierce_ext.entropy(x, bins=BINS, heads=3, seed=77, estimator="gumbel_soft",
+                                  backend=backend)
 
     expected = fn(x)
     (expected_grad,) = torch.autograd.grad(expected, x)
-    recorder = torch._dynamo.testing.AotEagerAndRecordGraphs()
+    recorder = AotEagerAndRecordGraphs()
     value = torch.compile(fn, fullgraph=True, backend=recorder)(x)
     (grad,) = torch.autograd.grad(value, x)
     torch.testing.assert_close(value, expected)
