@@ -87,8 +87,9 @@ def _histogram_backward_fake(grad_histogram, features, *args):
 
 def _plain_eager(*tensors: Tensor) -> bool:
     """True when nothing traces or intercepts this call: no compiler, no TorchDispatchMode (fake
-    tensors, make_fx, export, FlopCounterMode...), no torch.func transform, no tensor subclass. Then the backend may run
-    without the custom op's dispatch; otherwise the custom ops keep the call visible."""
+    tensors, make_fx, export, FlopCounterMode...), no torch.func transform, no tensor subclass.
+    Then the backend may run without the custom op's dispatch; otherwise the custom ops keep the
+    call visible."""
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._are_functorch_transforms_active()
