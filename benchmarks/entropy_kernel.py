@@ -412,13 +412,15 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar):
         fn = make_fn(backend, dictionary, args.similarity, args.estimator)
         try:  # report and continue: one broken backend is a result
             _warm_up(fn, features, device)
-            if device.type == "cuda":
-                row["fwd_ms"], row["bwd_ms"], row["fwdbwd_ms"] = time_cuda_case(fn, features)
-                row["extra_mib"] = cuda_extra_mib(fn, features, device)
+            if device.type == "cuda":  # the row gets its numbers only if all of them came
+                measured = dict(zip(("fwd_ms", "bwd_ms", "fwdbwd_ms"),
+                                    time_cuda_case(fn, features)))
+                measured["extra_mib"] = cuda_extra_mib(fn, features, device)
                 if batch * heads * bins <= GRAPH_MAX_LOGITS:
-                    row["graph_fwdbwd_ms"], why = cuda_graph_fwdbwd_ms(fn, features)
+                    measured["graph_fwdbwd_ms"], why = cuda_graph_fwdbwd_ms(fn, features)
                     if why:
-                        row["graph_note"] = why
+                        measured["graph_note"] = why
+                row.update(measured)
             else:
                 cpu_cases.append((row, fn, features))
         except Exception as error:
