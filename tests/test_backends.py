@@ -245,6 +245,35 @@ def test_chunked_backward_with_and_without_the_kept_logits(similarity, estimator
         assert len(chunked._kept._entries) == 1, change
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_chunked_kept_logits_any_dtype_and_layout(dtype, transposed, monkeypatch):
+    # The kept path compares the features' bits (an int view of their dtype, any strides) and
+    # writes fp32/fp64 gradients in place only when the gradient is contiguous: every case
+    # must give the bits of a recompute.
+    from fierce_ext.backends import chunked
+
+    torch.manual_seed(4)
+    features = torch.randn(7, 21) if transposed else torch.randn(21, 7)
+    features = (features.T if transposed else features).to(dtype)
+    assert features.is_contiguous() != transposed
+    dictionary = fierce_ext.uniform_dictionary(7, 10, 2)
+    grad = torch.randn(2, 10)
+    args = ("cosine", "gumbel_soft", 0.7, 11, 5)
+    monkeypatch.setattr(chunked, "_kept", chunked._Kept())
+    _, lse = chunked.histogram_forward(features, dictionary, *args)
+    recomputes = []
+    logits = chunked._chunk_logits
+    monkeypatch.setattr(chunked, "_chunk_logits", lambda *a: recomputes.append(1) or logits(*a))
+    kept = chunked.histogram_backward(grad, features, dictionary, lse, *args)
+    assert not recomputes and len(chunked._kept._entries) == 0  # it used the kept logits
+    recomputed = chunked.histogram_backward(grad, features, dictionary, lse, *args)
+    assert recomputes
+    assert kept.dtype == dtype and kept.stride() == features.stride()
+    assert torch.equal(kept, recomputed) and kept.abs().sum() > 0
+
+
 def test_chunked_kept_logits_ignore_in_place_changes(monkeypatch):
     from fierce_ext.backends import chunked
 
