@@ -123,6 +123,21 @@ def test_opcheck_histogram_ops(backend, similarity, estimator, dtype):
                            estimator, 0.7, 3, backend))
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_torch_export_captures_the_op(strict):
+    # Export traces through the custom op (never into a backend), seed drawn in the graph.
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), fierce_ext.FeatureEntropy(8, bins=10))
+    x = torch.randn(16, 6)
+    program = torch.export.export(model, (x,), strict=strict)
+    targets = {node.target for module in program.graph_module.modules()
+               for node in module.graph.nodes if node.op == "call_function"}
+    assert torch.ops.fierce_ext.histogram.default in targets
+    assert torch.ops.aten.randint.low in targets  # seed=None: a fresh seed per call
+    value = program.module()(x)
+    assert value.shape == () and 0 < value.item() <= math.log2(10)
+
+
 class _RecordOps(TorchDispatchMode):
     """Runs every op unchanged and records it; while active, fierce_ext takes its traced path."""
 
