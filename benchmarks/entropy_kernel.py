@@ -21,12 +21,13 @@ How it is measured:
   before it (inputs and dictionary excluded, the feature gradient included).
 * CPU: the median of repeated time.perf_counter() measurements after a warm-up (backward alone:
   a fresh untimed forward before each timed backward). The backends of a shape take turns
-  (CPU_ROUNDS rounds), so that a shared machine's changing load weighs on all of them alike. Memory: tracemalloc does not see torch's
-  allocations, so each (shape, dtype) is measured in a fresh subprocess: per backend one warm-up
-  forward+backward, then the kernel's peak-RSS mark is reset (/proc/self/clear_refs) and one
-  forward+backward runs; extra = peak RSS (VmHWM) minus RSS before it. glibc is told to mmap
-  every allocation >= 64 KiB and to trim at once, so freed tensors leave the RSS and the mark
-  sees only what is live at the same time. Linux only; elsewhere the column stays empty.
+  (CPU_ROUNDS rounds), so that a shared machine's changing load weighs on all of them alike.
+  Memory: tracemalloc does not see torch's allocations, so each (shape, dtype) is measured in
+  a fresh subprocess: per backend one warm-up forward+backward, then the kernel's peak-RSS mark
+  is reset (/proc/self/clear_refs) and one forward+backward runs; extra = peak RSS (VmHWM)
+  minus RSS before it. glibc is told to mmap every allocation >= 64 KiB and to trim at once, so
+  freed tensors leave the RSS and the mark sees only what is live at the same time. Linux only;
+  elsewhere the column stays empty.
 
 Outputs: a printed markdown table and, under benchmarks/results/ (a temporary folder for
 --quick unless --out is given), <device>-<date>.json / .md / .png.
