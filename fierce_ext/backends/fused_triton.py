@@ -455,8 +455,16 @@ def _seed_words(seed: int) -> tuple[int, int]:
     return tuple(w - 2**32 if w >= 2**31 else w for w in words)
 
 
+# triton.cdiv and triton.next_power_of_2 are constexpr functions: called from host code they
+# cost ~10 us each (argument unwrapping), half of this module's host time per backward before
+# any kernel launch. The launchers use plain integer arithmetic instead.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int, low: int, high: int) -> int:
-    return max(low, min(high, triton.next_power_of_2(max(1, n))))
+    """The next power of two >= n, clamped to [low, high]."""
+    return max(low, min(high, 1 << (max(1, n) - 1).bit_length()))
 
 
 def _device_guard(device: torch.device):
@@ -522,7 +530,7 @@ def _forward_config(dot_dtype, rows, dim, heads, bins, device):
         return dict(BLOCK_B=32, BLOCK_K=32, BLOCK_D=16), dict(num_warps=4, num_stages=2)
     block_d = 64 if dot_dtype in (torch.float16, torch.bfloat16) else 32
     # Small batches (the few-shot shape: 256 rows, one head) would leave most SMs idle.
-    block_b = 64 if triton.cdiv(rows, 64) * heads >= _multiprocessors(device) else 32
+    block_b = 64 if _cdiv(rows, 64) * heads >= _multiprocessors(device) else 32
     # Eight warps for every tile size: with four, the 32-row tiles spill (ptxas stack frames of
     # 40-560 bytes, tests/triton_codegen.py); with eight, none does and registers drop ~20%.
     return (dict(BLOCK_B=block_b, BLOCK_K=_pow2(bins, 16, 128), BLOCK_D=_pow2(dim, 16, block_d)),
@@ -538,7 +546,7 @@ def _grad_config(dot_dtype, rows, dim, heads, bins, device):
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16), dict(num_warps=4, num_stages=2)
     block_k = 64 if dot_dtype in (torch.float16, torch.bfloat16) else 32
     block_n = _pow2(dim, 16, 128)
-    tiles = triton.cdiv(rows, 128) * triton.cdiv(dim, block_n)
+    tiles = _cdiv(rows, 128) * _cdiv(dim, block_n)
     block_m = 128 if tiles >= _multiprocessors(device) else 64
     return (dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(heads * bins, 16, block_k)),
             dict(num_warps=8, num_stages=3))  # four spill at 64 rows (see _forward_config)
@@ -563,7 +571,7 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
     heads, bins = proj.heads, proj.bins
     device = features.device
     blocks, launch = _forward_config(dot_dtype, rows, dim, heads, bins, device)
-    num_blocks = triton.cdiv(rows, blocks["BLOCK_B"])
+    num_blocks = _cdiv(rows, blocks["BLOCK_B"])
     programs = min(num_blocks, MAX_ROW_PROGRAMS)  # partial histograms: programs x C x K
     lse = torch.empty(rows, heads, dtype=compute_dtype, device=device)
     partial = torch.empty(programs, heads, bins, dtype=compute_dtype, device=device)
@@ -585,7 +593,7 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
                                  BLOCK_K=_pow2(bins, 16, cap["bins"]))
         else:
             reduce_blocks = dict(BLOCK_N=32, BLOCK_K=_pow2(bins, 16, 128))
-        _reduce_kernel[(heads, triton.cdiv(bins, reduce_blocks["BLOCK_K"]))](
+        _reduce_kernel[(heads, _cdiv(bins, reduce_blocks["BLOCK_K"]))](
             partial, bad, histogram, rows, programs, heads, bins, ACC=acc, **reduce_blocks)
     return histogram, lse
 
@@ -598,7 +606,7 @@ def _chunk_rows(rows, heads, bins, dim, dot_dtype, out_dtype, align):
     step = max(align, budget // scratch_row // align * align)
     # 32-bit offsets in the kernels: the scratch stays below 2^31 elements.
     step = min(step, max(align, (2**31 - 1) // _round_up16(heads * bins) // align * align))
-    return min(step, triton.cdiv(rows, align) * align)
+    return min(step, _cdiv(rows, align) * align)
 
 
 def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
@@ -630,15 +638,15 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
     with _device_guard(device):
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            _softmax_kernel[(triton.cdiv(stop - start, fwd_blocks["BLOCK_B"]), heads)](
+            _softmax_kernel[(_cdiv(stop - start, fwd_blocks["BLOCK_B"]), heads)](
                 features, features.stride(0), features.stride(1), proj.vt, proj.vt.stride(0),
                 proj.bias, lse, grad, delta, delta.stride(0), t, scale, start, stop, dim, bins,
                 heads, tau_hi, tau_lo, seed_lo, seed_hi, row_offset, ACC=acc, DOT=dot,
                 PRECISION=precision, ROUND_TF32=round_tf32, HAS_SCALE=cosine,
                 NOISE=estimator != "softmax",
                 **fwd_blocks, **fwd_launch)
-            grid = (triton.cdiv(stop - start, grad_blocks["BLOCK_M"]),
-                    triton.cdiv(dim, grad_blocks["BLOCK_N"]))
+            grid = (_cdiv(stop - start, grad_blocks["BLOCK_M"]),
+                    _cdiv(dim, grad_blocks["BLOCK_N"]))
             _grad_kernel[grid](
                 delta, delta.stride(0), proj.vt, proj.vt.stride(0), t, scale, features,
                 features.stride(0), features.stride(1),
@@ -664,7 +672,7 @@ def noise_words(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0
         block_b, block_k = 32, 128
     seed_lo, seed_hi = _seed_words(seed)
     with _device_guard(device):
-        noise_words_kernel[(triton.cdiv(rows, block_b), heads)](
+        noise_words_kernel[(_cdiv(rows, block_b), heads)](
             out, rows, heads, bins, (bins + 3) // 4, seed_lo, seed_hi, row_offset,
             BLOCK_B=block_b, BLOCK_K=block_k)
     return out
