@@ -155,7 +155,8 @@ def numpy_philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray
 
 def numpy_random_words(seed: int, rows: int, heads: int, bins: int,
                        row_offset: int = 0) -> np.ndarray:
-    """The 32-bit words x[b, h, k] of the rule in fierce_ext/noise.py, (rows, heads, bins) uint32."""
+    """The 32-bit words x[b, h, k] of the rule in fierce_ext/noise.py: (rows, heads, bins)
+    uint32."""
     quads = -(-bins // 4)
     b = np.arange(rows, dtype=np.uint64)[:, None, None] + np.uint64(row_offset)
     h = np.arange(heads, dtype=np.uint64)[None, :, None]

@@ -2,8 +2,9 @@
 
 Each compile costs seconds on the CPU machines, so the compiled functions are few: one training
 step (model + FIERCELoss, fixed seed), `entropy` with the default dictionary and a fixed seed (per
-CPU backend, with the cheap aot_eager compiler), and `entropy` with seed=None. All use fullgraph=True, so any graph break fails the test. Traced
-calls go through the custom ops, plain eager calls skip them: both paths are compared here.
+CPU backend, with the cheap aot_eager compiler), and `entropy` with seed=None. All use
+fullgraph=True, so any graph break fails the test. Traced calls go through the custom ops, plain
+eager calls skip them: both paths are compared here.
 """
 
 from __future__ import annotations

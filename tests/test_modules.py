@@ -258,7 +258,8 @@ def test_derived_forms_do_not_keep_a_dictionary_alive():
     dictionary = fierce_ext.uniform_dictionary(5, 7)
     built = []
     form = dictionary_module.derived(dictionary, "test", lambda: built.append(1) or "form")
-    assert form == "form" and dictionary_module.derived(dictionary, "test", lambda: "other") == "form"
+    assert form == "form"
+    assert dictionary_module.derived(dictionary, "test", lambda: "other") == "form"
     assert built == [1]
     reference = weakref.ref(dictionary)
     del dictionary
