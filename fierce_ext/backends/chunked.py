@@ -98,8 +98,12 @@ class _Kept:
 
     @staticmethod
     def key(features, dictionary, *options):
-        if features.is_inference() or dictionary.is_inference():
-            return None  # no version counters
+        """The entry's key, or None where nothing is kept: off the CPU (the backward's check of
+        the features' bits would be a host sync on a GPU) and for inference tensors (no
+        version counters)."""
+        if (features.device.type != "cpu" or features.is_inference()
+                or dictionary.is_inference()):
+            return None
         return (storage_state(features), storage_state(dictionary)) + options
 
     def put(self, key, value) -> None:
@@ -130,10 +134,9 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
     dtype = _compute_dtype(features)
     proj = _projected(dictionary, similarity, dtype)
     rows = features.shape[0]
-    # On the CPU only: the backward's check of the features' bits would be a host sync on a GPU.
-    keep = features.device.type == "cpu" and rows * proj.heads * proj.bins <= CHUNK_ELEMENTS
+    one_chunk = rows * proj.heads * proj.bins <= CHUNK_ELEMENTS
     key = _Kept.key(features, dictionary, similarity, estimator, tau, seed, row_offset) \
-        if keep else None
+        if one_chunk else None
     histogram = torch.zeros(proj.heads, proj.bins, dtype=dtype, device=features.device)
     lse = torch.empty(rows, proj.heads, dtype=dtype, device=features.device)
     for start, stop in _chunks(rows, proj.heads, proj.bins):
