@@ -47,6 +47,10 @@ struct ForwardParams : Problem {
   void* partials;        // (P, C, K): int32 counts (gumbel_hard) or acc sums, workspace
   int* flags;            // (P, C) int32 workspace: a block saw a non-finite log-sum-exp
   int blocks_per_head;   // P: row-tile groups per head (each block walks tiles p, p+P, ...)
+  // One launch (tiny problems, see one_launch_forward): a device counter, 0 at launch; the last
+  // block of the forward kernel to finish reduces the partials and leaves the counter at 0 for
+  // the next launch on the same stream. nullptr: a separate reduce kernel does it.
+  unsigned* done_count;
 };
 
 struct BackwardParams : Problem {
@@ -61,6 +65,14 @@ struct BackwardParams : Problem {
 constexpr int kTileRows = 32;     // rows of features per block
 constexpr int kTileBins = 128;    // bins per logit tile
 constexpr int kTileDim = 128;     // feature columns per gradient tile
+
+// Tiny problems (the paper's: B ~ 200-256, C = 1, K = 100) do the whole forward in one launch:
+// the last block to finish sums the P x C x K partials, work that one block does in a few us.
+constexpr int64_t kOneLaunchEntries = 8192;
+__host__ __device__ inline bool one_launch_forward(int64_t blocks_per_head, int64_t heads,
+                                                   int64_t bins) {
+  return blocks_per_head * heads * bins <= kOneLaunchEntries;
+}
 
 // Shapes of the gradient accumulator workspace (whole tiles, so tensor-core stores stay in bounds).
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

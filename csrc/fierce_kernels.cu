@@ -15,7 +15,8 @@
 //
 //   forward:  forward_kernel   one block per (row-tile group, head): running max / argmax /
 //                              log-sum-exp over the bin tiles (a second sweep for the soft
-//                              estimators when K > kTileBins), a partial histogram per block
+//                              estimators when K > kTileBins), a partial histogram per block;
+//                              for tiny problems its last block also does reduce_kernel's work
 //             reduce_kernel    sums the partials in a fixed order, divides by B, poisons
 //   backward: expected_kernel  sum_k y G per (row, head), only when K > kTileBins
 //             gradient_kernel  one block per row tile: delta tile by tile, fused with the
@@ -391,6 +392,57 @@ __device__ __forceinline__ unsigned tile_logits(const Acc* Cs, int m, int sub, i
 
 // ---------------------------------------------------------------------------- forward
 
+// The reduction of the forward, shared by reduce_kernel and the one-launch path. The partials are
+// read through L2 (__ldcg): in the one-launch path other blocks of the same kernel wrote them.
+
+// histogram[idx] for idx = h K + k: the P partials summed in group order, divided by B (torch
+// divides by the row count as a multiplication by its reciprocal in the compute dtype), or NaN.
+template <typename Acc, typename Partial>
+__device__ __forceinline__ Acc histogram_entry(const Partial* __restrict__ partials, int64_t idx,
+                                               int groups, int64_t entries, int64_t rows,
+                                               bool poisoned) {
+  const Acc inv_rows = Acc(1) / static_cast<Acc>(rows);
+  Acc value;
+  if constexpr (std::is_same<Partial, int>::value) {
+    long long total = 0;  // counts: exact
+    for (int g = 0; g < groups; ++g) total += __ldcg(partials + g * entries + idx);
+    value = static_cast<Acc>(total) * inv_rows;
+  } else {
+    Acc total = Acc(0);
+    for (int g = 0; g < groups; ++g) total += __ldcg(partials + g * entries + idx);
+    value = total * inv_rows;
+  }
+  return poisoned ? quiet_nan<Acc>() : value;
+}
+
+// Whether any of `count` flags is set; every thread of the block must call it.
+__device__ __forceinline__ int any_flag(const int* __restrict__ flags, int count) {
+  int flag = 0;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) flag |= __ldcg(flags + i);
+  return __syncthreads_or(flag);
+}
+
+// The one-launch forward's end: each block publishes its partial rows and flag, then takes a
+// ticket; the block with the last ticket sums every partial into the histogram. atomicInc wraps
+// the counter to 0 at the last ticket, so it is 0 again for the next launch on the stream.
+template <typename Acc, typename Partial>
+__device__ void reduce_in_last_block(const ForwardParams& p) {
+  __threadfence();  // this thread's partial and flag writes are visible device-wide before...
+  __syncthreads();
+  unsigned ticket = 0;
+  if (threadIdx.x == 0) ticket = atomicInc(p.done_count, gridDim.x - 1);  // ...the ticket
+  if (!__syncthreads_or(threadIdx.x == 0 && ticket == gridDim.x - 1)) return;
+  __threadfence();
+  const int groups = p.blocks_per_head;
+  const int poisoned = any_flag(p.flags, groups * p.heads);
+  const int64_t entries = static_cast<int64_t>(p.heads) * p.bins;
+  const Partial* partials = static_cast<const Partial*>(p.partials);
+  Acc* histogram = static_cast<Acc*>(p.histogram);
+  for (int64_t idx = threadIdx.x; idx < entries; idx += blockDim.x) {
+    histogram[idx] = histogram_entry<Acc>(partials, idx, groups, entries, p.rows, poisoned);
+  }
+}
+
 template <GemmMode M, typename Partial>
 __global__ void __launch_bounds__(kThreads, 2) forward_kernel(ForwardParams p) {
   using T = Traits<M>;
@@ -516,6 +568,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(ForwardParams p) {
   }
   const int any_poisoned = __syncthreads_or(poisoned);
   if (tid == 0) p.flags[group * C + h] = any_poisoned;
+  if (p.done_count != nullptr) reduce_in_last_block<Acc, Partial>(p);
 }
 
 // histogram[h][k] = (sum over groups p, in order, of partial[p][h][k]) / B, or NaN everywhere when
@@ -525,25 +578,12 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const Partial* __restr
                                                           const int* __restrict__ flags,
                                                           Acc* __restrict__ histogram, int groups,
                                                           int heads, int bins, int64_t rows) {
-  int flag = 0;
-  for (int i = threadIdx.x; i < groups * heads; i += blockDim.x) flag |= flags[i];
-  const int poisoned = __syncthreads_or(flag);
+  const int poisoned = any_flag(flags, groups * heads);
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= static_cast<int64_t>(heads) * bins) return;
-  const int64_t stride = static_cast<int64_t>(heads) * bins;
-  // torch divides by the row count as a multiplication by its reciprocal in the compute dtype.
-  const Acc inv_rows = Acc(1) / static_cast<Acc>(rows);
-  Acc value;
-  if constexpr (std::is_same<Partial, int>::value) {
-    long long total = 0;
-    for (int g = 0; g < groups; ++g) total += partials[g * stride + idx];
-    value = static_cast<Acc>(total) * inv_rows;
-  } else {
-    Acc total = Acc(0);
-    for (int g = 0; g < groups; ++g) total += partials[g * stride + idx];
-    value = total * inv_rows;
+  const int64_t entries = static_cast<int64_t>(heads) * bins;
+  if (idx < entries) {
+    histogram[idx] = histogram_entry<Acc>(partials, idx, groups, entries, rows, poisoned);
   }
-  histogram[idx] = poisoned ? quiet_nan<Acc>() : value;
 }
 
 // ---------------------------------------------------------------------------- backward
@@ -823,7 +863,7 @@ cudaError_t forward_impl(const ForwardParams& p, cudaStream_t stream) {
   if (error != cudaSuccess) return error;
   FIERCE_LAUNCH(kernel, p.blocks_per_head * p.heads, kThreads, bytes, stream, p);
   error = cudaGetLastError();
-  if (error != cudaSuccess) return error;
+  if (error != cudaSuccess || p.done_count != nullptr) return error;  // one launch: reduced
   const int64_t entries = static_cast<int64_t>(p.heads) * p.bins;
   const unsigned grid = static_cast<unsigned>((entries + kThreads - 1) / kThreads);
   Acc* histogram = static_cast<Acc*>(p.histogram);

@@ -23,10 +23,13 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <utility>
 
 #include "fierce.h"
 
@@ -135,6 +138,36 @@ int blocks_per_head(int device, int64_t rows, int64_t heads) {
   return static_cast<int>(std::max<int64_t>(1, std::min(tiles, wanted)));
 }
 
+// Whether work enqueued on `stream` is being captured into a CUDA graph. A failed query counts as
+// capturing (the two-launch forward is always safe) and is cleared, so that the launch's own
+// error check does not report it.
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// The one-launch forward's counter for (device, stream), created at 0 on first use and kept for
+// the process's lifetime (4 bytes a stream). Launches on one stream run in order and each leaves
+// the counter at 0, so one counter per stream is never shared by two running kernels. Graph
+// captures do not use it (a graph may be replayed on any stream): they take two launches.
+unsigned* done_counter(int device, cudaStream_t stream) {
+  static std::mutex mutex;
+  // Never destroyed: freeing CUDA memory from a static destructor can outlive the CUDA runtime.
+  static auto* counters = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = counters->find({device, stream});
+  if (found == counters->end()) {
+    // at::zeros fills on the current stream, which is `stream`: the fill precedes the launch.
+    const auto options = at::TensorOptions().device(at::kCUDA, device).dtype(at::kInt);
+    found = counters->emplace(std::make_pair(device, stream), at::zeros({1}, options)).first;
+  }
+  return reinterpret_cast<unsigned*>(found->second.data_ptr<int>());
+}
+
 // The Problem of contiguous features r (B, D), projected dictionary v (C, K, D) and bias c
 // (undefined when the similarity has none); sizes were checked to fit by check_common.
 Problem problem_of(const at::Tensor& r, const at::Tensor& v, const at::Tensor& c, bool cosine,
@@ -186,6 +219,8 @@ std::tuple<at::Tensor, at::Tensor> histogram_forward(
   params.flags = flags.data_ptr<int>();
   params.blocks_per_head = groups;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  params.done_count = one_launch_forward(groups, heads, bins) && !capturing(stream)
+      ? done_counter(device, stream) : nullptr;
   check_cuda(launch_histogram_forward(mode, params, stream), "the histogram forward launch");
   return {histogram, lse};
 }

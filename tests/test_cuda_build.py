@@ -184,10 +184,12 @@ def emu():
     lib = ctypes.CDLL(str(library))
     p, i, i64, f64, u64 = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double,
                            ctypes.c_uint64)
-    lib.fierce_emu_forward.argtypes = [i, p, p, p, p, p, p, p, i64, i, i, i, i, i, i, f64, u64, u64]
+    lib.fierce_emu_forward.argtypes = [i, p, p, p, p, p, p, p, i64, i, i, i, i, i, i, f64, u64, u64,
+                                       p]
     lib.fierce_emu_backward.argtypes = [i, p, p, p, p, p, p, p, p, i64, i, i, i, i, i, f64, u64,
                                         u64]
     lib.fierce_emu_philox.argtypes = [u64, u64, p]
+    lib.fierce_emu_one_launch_forward.argtypes = [i64, i64, i64]
     return lib
 
 
@@ -205,9 +207,10 @@ def _launch_inputs(mode, features, dictionary, similarity):
 
 
 def emulated_forward(lib, mode, features, dictionary, similarity, estimator, tau, seed,
-                     row_offset, groups=2):
+                     row_offset, groups=2, one_launch=False):
     """The kernels' (histogram, lse), with workspaces full of garbage (the kernels must not
-    assume zeros)."""
+    assume zeros). `one_launch`: the forward kernel's last block reduces (no reduce kernel),
+    with a zeroed counter that it must leave at zero."""
     mode_id, dtype, compute, features, vt, bias = _launch_inputs(mode, features, dictionary,
                                                                  similarity)
     rows, dim = features.shape
@@ -218,11 +221,15 @@ def emulated_forward(lib, mode, features, dictionary, similarity, estimator, tau
     partial_dtype = torch.int32 if estimator == "gumbel_hard" else compute
     partials = torch.full((groups, heads, bins), 999, dtype=partial_dtype)
     flags = torch.full((groups, heads), 5, dtype=torch.int32)
+    counter = torch.zeros(1, dtype=torch.int32) if one_launch else None
     error = lib.fierce_emu_forward(
         mode_id, _ptr(features), _ptr(vt), _ptr(bias), _ptr(histogram), _ptr(lse),
         _ptr(partials), _ptr(flags), rows, dim, heads, bins, groups,
-        int(similarity == "cosine"), ESTIMATOR_IDS[estimator], tau, seed, row_offset)
+        int(similarity == "cosine"), ESTIMATOR_IDS[estimator], tau, seed, row_offset,
+        _ptr(counter))
     assert error == 0, f"emulated forward launch failed ({error})"
+    if one_launch:
+        assert counter.item() == 0, "the one-launch forward must leave its counter at 0"
     return histogram, lse
 
 
@@ -378,6 +385,34 @@ def test_emulated_row_groups_only_reorder_sums(emu, estimator):
             assert torch.equal(results[0], other)
         else:
             torch.testing.assert_close(other, results[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("mode", ["tf32", "float64"])
+def test_emulated_one_launch_forward_gives_the_two_launch_bits(emu, mode, similarity, estimator):
+    # Tiny problems skip the reduce kernel: the forward kernel's last block sums the same
+    # partials in the same order, so the histogram keeps its bits (and lse is untouched).
+    features, dictionary = _case(similarity, seed=6)
+    args = (emu, mode, features, dictionary, similarity, estimator, 0.8, 31, 2)
+    for groups in (1, 2, 3):
+        two = emulated_forward(*args, groups=groups)
+        one = emulated_forward(*args, groups=groups, one_launch=True)
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    poisoned = features.clone()
+    poisoned[-1, 0] = float("nan")
+    histogram, _ = emulated_forward(emu, mode, poisoned, dictionary, similarity, estimator, 0.8,
+                                    31, 2, one_launch=True)
+    assert torch.isnan(histogram).all()
+
+
+def test_emulated_one_launch_rule_covers_the_paper_shapes(emu):
+    # Row-tile groups per head are at most ceil(B / 32): the paper's few-shot (256 x 1 x 100),
+    # hyperspectral (200 x 1 x 100) and age (B = 256, K = 100) forwards take one launch on any
+    # GPU; a large problem does not.
+    for rows, heads, bins in ((256, 1, 100), (200, 1, 100)):
+        assert emu.fierce_emu_one_launch_forward(-(-rows // TILE_ROWS), heads, bins) == 1
+    assert emu.fierce_emu_one_launch_forward(66, 8, 256) == 0  # DESIGN's "mid" on 132 SMs
 
 
 def test_emulated_many_bins_single_head(emu):

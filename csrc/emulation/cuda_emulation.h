@@ -82,7 +82,7 @@ inline int last_error = 0;
 }  // namespace fierce_emu
 
 // One OS thread runs every fiber, so these are plain globals, set before each fiber switch.
-inline fierce_emu::Dim3 threadIdx, blockIdx, blockDim;
+inline fierce_emu::Dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace fierce_emu {
 
@@ -150,6 +150,19 @@ inline int atomicAdd(int* address, int value) {
   *address = old + value;
   return old;
 }
+
+// CUDA's atomicInc: old >= limit ? 0 : old + 1, returns old.
+inline unsigned atomicInc(unsigned* address, unsigned limit) {
+  const unsigned old = *address;
+  *address = old >= limit ? 0u : old + 1u;
+  return old;
+}
+
+// One thread runs the fibers of one block at a time, blocks in order: memory is always coherent.
+inline void __threadfence() {}
+
+template <typename T>
+inline T __ldcg(const T* address) { return *address; }
 
 inline uint32_t __umulhi(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
@@ -359,6 +372,7 @@ inline void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, s
     current_block = &block;
     blockIdx = Dim3{b, 0, 0};
     blockDim = Dim3{threads, 1, 1};
+    gridDim = Dim3{grid, 1, 1};
     // Round robin until every fiber is done; a full round in which no barrier moved and no fiber
     // finished is a deadlock.
     unsigned finished = 0;

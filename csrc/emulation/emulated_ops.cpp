@@ -2,7 +2,8 @@
 // interface for ctypes: tests/test_cuda_build.py builds this file with
 //   g++ -std=c++20 -O1 -DFIERCE_EMULATE -shared -fPIC -pthread emulated_ops.cpp -o libfierce_emu.so
 // and compares what the kernels compute with the torch backend, without a GPU.
-// All pointers are host memory; workspaces are the caller's (any contents).
+// All pointers are host memory; workspaces are the caller's (any contents), except the one-launch
+// counter `done_count` of the forward, which must be 0 (or nullptr for two launches).
 #include "../fierce_kernels.cu"
 
 namespace {
@@ -41,7 +42,8 @@ size_t fierce_emu_backward_shared_bytes(int mode) {
 int fierce_emu_forward(int mode, const void* features, const void* vt, const void* bias,
                        void* histogram, void* lse, void* partials, int* flags, int64_t rows,
                        int dim, int heads, int bins, int blocks_per_head, int cosine,
-                       int estimator, double tau, uint64_t seed, uint64_t row_offset) {
+                       int estimator, double tau, uint64_t seed, uint64_t row_offset,
+                       unsigned* done_count) {
   fierce::ForwardParams params{};
   static_cast<fierce::Problem&>(params) = emulated_problem(
       features, vt, bias, rows, dim, heads, bins, cosine, estimator, tau, seed, row_offset);
@@ -50,6 +52,7 @@ int fierce_emu_forward(int mode, const void* features, const void* vt, const voi
   params.partials = partials;
   params.flags = flags;
   params.blocks_per_head = blocks_per_head;
+  params.done_count = done_count;  // nullptr: forward and reduce kernels
   return static_cast<int>(
       fierce::launch_histogram_forward(static_cast<fierce::GemmMode>(mode), params, nullptr));
 }
@@ -75,6 +78,11 @@ int fierce_emu_backward(int mode, const void* grad_histogram, const void* featur
 void fierce_emu_philox(uint64_t counter, uint64_t seed, uint32_t* out) {
   const fierce::PhiloxWords words = fierce::philox4x32_10(counter, seed);
   for (int i = 0; i < 4; ++i) out[i] = words.x[i];
+}
+
+// Whether the op does the forward of this shape in one launch (fierce.h's rule).
+int fierce_emu_one_launch_forward(int64_t blocks_per_head, int64_t heads, int64_t bins) {
+  return fierce::one_launch_forward(blocks_per_head, heads, bins) ? 1 : 0;
 }
 
 }  // extern "C"
