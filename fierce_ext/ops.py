@@ -31,11 +31,6 @@ from torch import Tensor
 from . import backends
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype computes and accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _autocast_off(device: torch.device):
     """A context that disables autocast on `device` (the ops promise fp32 compute)."""
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
@@ -66,7 +61,7 @@ def histogram_op(features: Tensor, dictionary: Tensor, seed: Tensor, similarity:
 
 @histogram_op.register_fake
 def _histogram_fake(features, dictionary, seed, similarity, estimator, tau, row_offset, backend):
-    dtype = compute_dtype(features.dtype)
+    dtype = backends.compute_dtype(features.dtype)
     heads, _, bins = dictionary.shape
     return (features.new_empty((heads, bins), dtype=dtype),
             features.new_empty((features.shape[0], heads), dtype=dtype))

@@ -35,6 +35,12 @@ _AUTO_ORDER = {"cpu": ("torch",), "cuda": ("cuda", "triton", "torch")}
 BACKENDS = tuple(_MODULES)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the backends compute and accumulate in for features of `dtype`: float64 stays
+    float64, every other floating dtype computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class BackendStatus(NamedTuple):
     available: bool
     reason: str  # why not, or "available"

@@ -22,6 +22,7 @@ import torch
 
 from ..dictionary import derived, project_dictionary, row_scale, storage_state
 from ..noise import gumbel_noise
+from . import compute_dtype
 
 NAME = "torch"
 
@@ -32,10 +33,6 @@ CHUNK_ELEMENTS = 2**21
 
 def unavailable_reason(device: torch.device) -> str | None:
     return None
-
-
-def _compute_dtype(features: torch.Tensor) -> torch.dtype:
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
 def _chunks(rows: int, heads: int, bins: int):
@@ -131,7 +128,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
-    dtype = _compute_dtype(features)
+    dtype = compute_dtype(features.dtype)
     proj = _projected(dictionary, similarity, dtype)
     rows = features.shape[0]
     one_chunk = rows * proj.heads * proj.bins <= CHUNK_ELEMENTS
@@ -160,7 +157,7 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
 
 def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
                        seed, row_offset):
-    dtype = _compute_dtype(features)
+    dtype = compute_dtype(features.dtype)
     proj = _projected(dictionary, similarity, dtype)
     rows = features.shape[0]
     grad = grad_histogram.to(dtype)

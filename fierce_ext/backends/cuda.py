@@ -34,6 +34,7 @@ import threading
 import torch
 
 from ..dictionary import derived, project_dictionary
+from . import compute_dtype
 
 NAME = "cuda"
 
@@ -97,7 +98,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fierce_ext::cuda_histogram_forward")
     def _forward_fake(features, vt, bias, similarity, estimator, tau, seed, row_offset,
                       allow_tf32):
-        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(features.dtype)
         heads, bins = vt.shape[0], vt.shape[1]
         return (features.new_empty((heads, bins), dtype=dtype),
                 features.new_empty((features.shape[0], heads), dtype=dtype))
@@ -148,8 +149,7 @@ def project(dictionary: torch.Tensor, similarity: str, dtype: torch.dtype):
     dtype) and the bias (C, K) in the compute dtype or None; built once per dictionary version
     (dictionary.derived)."""
     def build():
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
-        v, bias = project_dictionary(dictionary, similarity, compute)
+        v, bias = project_dictionary(dictionary, similarity, compute_dtype(dtype))
         vt = v.transpose(1, 2).to(dtype).contiguous()
         return vt, bias.contiguous() if bias is not None else None
     return derived(dictionary, (NAME, similarity, dtype), build)
@@ -175,7 +175,7 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
     _require()
     dtype = features.dtype
     kernel_features = features.to(_kernel_dtype(dtype)).contiguous()
-    compute = torch.float64 if kernel_features.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(kernel_features.dtype)
     vt, bias = project(dictionary, similarity, kernel_features.dtype)
     grad_features = torch.ops.fierce_ext.cuda_histogram_backward(
         grad_histogram.to(compute).contiguous(), kernel_features, vt, bias,

@@ -56,6 +56,7 @@ import torch
 
 from ..dictionary import NORM_EPS, derived, project_dictionary
 from ..noise import SEED_LIMIT
+from . import compute_dtype
 
 # Triton itself comes through triton_noise, which stays importable without it.
 from .triton_noise import IMPORT_ERROR as _IMPORT_ERROR
@@ -404,10 +405,6 @@ def _check_runnable(tensor: torch.Tensor) -> None:
         raise RuntimeError(f"backend 'triton' cannot run on {tensor.device}: {reason}")
 
 
-def _compute_dtype(features: torch.Tensor) -> torch.dtype:
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
-
-
 _TL_DTYPES = {}
 if triton is not None:
     _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
@@ -488,9 +485,9 @@ class _Projected:
     to a multiple of 16 elements (aligned rows let Triton use vector and async copies), rounded
     to TF32 for the tf32 precision, and the bias (C, K)."""
 
-    def __init__(self, dictionary, similarity, compute_dtype, dot_dtype, round_tf32):
+    def __init__(self, dictionary, similarity, compute, dot_dtype, round_tf32):
         heads, dim, bins = dictionary.shape
-        v, bias = project_dictionary(dictionary, similarity, compute_dtype)
+        v, bias = project_dictionary(dictionary, similarity, compute)
         if heads * bins * _round_up16(dim) >= 2**31:
             raise ValueError(f"dictionary of shape {tuple(dictionary.shape)} is too large for "
                              "the Triton backend (C * K * D must stay below 2^31)")
@@ -500,14 +497,14 @@ class _Projected:
         if round_tf32:
             self.vt = _round_to_tf32_torch(self.vt)
         # Zeros for dot and cosine: the kernels always add it (one specialisation fewer).
-        self.bias = (torch.zeros(heads, bins, dtype=compute_dtype, device=dictionary.device)
+        self.bias = (torch.zeros(heads, bins, dtype=compute, device=dictionary.device)
                      if bias is None else bias.contiguous())
         self.heads, self.dim, self.bins = heads, dim, bins
 
 
-def _projected(dictionary, similarity, compute_dtype, dot_dtype, round_tf32) -> _Projected:
-    return derived(dictionary, (NAME, similarity, compute_dtype, dot_dtype, round_tf32),
-                   lambda: _Projected(dictionary, similarity, compute_dtype, dot_dtype,
+def _projected(dictionary, similarity, compute, dot_dtype, round_tf32) -> _Projected:
+    return derived(dictionary, (NAME, similarity, compute, dot_dtype, round_tf32),
+                   lambda: _Projected(dictionary, similarity, compute, dot_dtype,
                                       round_tf32))
 
 
@@ -556,16 +553,16 @@ def _prepare(features, dictionary, similarity, estimator):
     """Checks, then (compute dtype, dot dtype, fp32 precision, round to tf32?, projection)."""
     _check_estimator(estimator)
     _check_runnable(features)
-    compute_dtype = _compute_dtype(features)
+    compute = compute_dtype(features.dtype)
     dot_dtype = _dot_dtype(features)
     precision = _precision(dot_dtype)
     round_tf32 = dot_dtype == torch.float32 and precision == "tf32"
-    proj = _projected(dictionary, similarity, compute_dtype, dot_dtype, round_tf32)
-    return compute_dtype, dot_dtype, precision, round_tf32, proj
+    proj = _projected(dictionary, similarity, compute, dot_dtype, round_tf32)
+    return compute, dot_dtype, precision, round_tf32, proj
 
 
 def histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
-    compute_dtype, dot_dtype, precision, round_tf32, proj = _prepare(
+    compute, dot_dtype, precision, round_tf32, proj = _prepare(
         features, dictionary, similarity, estimator)
     rows, dim = features.shape
     heads, bins = proj.heads, proj.bins
@@ -573,13 +570,13 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
     blocks, launch = _forward_config(dot_dtype, rows, dim, heads, bins, device)
     num_blocks = _cdiv(rows, blocks["BLOCK_B"])
     programs = min(num_blocks, MAX_ROW_PROGRAMS)  # partial histograms: programs x C x K
-    lse = torch.empty(rows, heads, dtype=compute_dtype, device=device)
-    partial = torch.empty(programs, heads, bins, dtype=compute_dtype, device=device)
+    lse = torch.empty(rows, heads, dtype=compute, device=device)
+    partial = torch.empty(programs, heads, bins, dtype=compute, device=device)
     bad = torch.empty(programs, heads, dtype=torch.int32, device=device)
-    histogram = torch.empty(heads, bins, dtype=compute_dtype, device=device)
+    histogram = torch.empty(heads, bins, dtype=compute, device=device)
     tau_hi, tau_lo = _split_float(tau)
     seed_lo, seed_hi = _seed_words(seed)
-    acc, hard = _TL_DTYPES[compute_dtype], estimator == "gumbel_hard"
+    acc, hard = _TL_DTYPES[compute], estimator == "gumbel_hard"
     with _device_guard(device):
         _forward_kernel[(programs, heads)](
             features, features.stride(0), features.stride(1), proj.vt, proj.vt.stride(0),
@@ -611,15 +608,15 @@ def _chunk_rows(rows, heads, bins, dim, dot_dtype, out_dtype, align):
 
 def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
                        seed, row_offset):
-    compute_dtype, dot_dtype, precision, round_tf32, proj = _prepare(
+    compute, dot_dtype, precision, round_tf32, proj = _prepare(
         features, dictionary, similarity, estimator)
     rows, dim = features.shape
     heads, bins = proj.heads, proj.bins
     device = features.device
     # delta is invariant to a per-head shift of G; centring keeps e and t well conditioned.
-    grad = grad_histogram.to(compute_dtype)
+    grad = grad_histogram.to(compute)
     grad = (grad - grad.mean(dim=1, keepdim=True)).contiguous()
-    lse = lse.to(compute_dtype).contiguous()
+    lse = lse.to(compute).contiguous()
     fwd_blocks, fwd_launch = _forward_config(dot_dtype, rows, dim, heads, bins, device)
     grad_blocks, grad_launch = _grad_config(dot_dtype, rows, dim, heads, bins, device)
     align = max(fwd_blocks["BLOCK_B"], grad_blocks["BLOCK_M"])
@@ -628,13 +625,13 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
     delta = torch.empty(min(step, rows), _round_up16(heads * bins), dtype=dot_dtype,
                         device=device)
     cosine = similarity == "cosine"
-    t = torch.empty(rows, heads, dtype=compute_dtype, device=device) if cosine else lse
-    scale = torch.empty(rows, dtype=compute_dtype, device=device) if cosine else lse
+    t = torch.empty(rows, heads, dtype=compute, device=device) if cosine else lse
+    scale = torch.empty(rows, dtype=compute, device=device) if cosine else lse
     grad_features = torch.empty(rows, dim, dtype=features.dtype, device=device)
     tau_hi, tau_lo = _split_float(tau)
     inv_hi, inv_lo = _split_float(1.0 / (rows * tau))
     seed_lo, seed_hi = _seed_words(seed)
-    acc, dot = _TL_DTYPES[compute_dtype], _TL_DTYPES[dot_dtype]
+    acc, dot = _TL_DTYPES[compute], _TL_DTYPES[dot_dtype]
     with _device_guard(device):
         for start in range(0, rows, step):
             stop = min(rows, start + step)

@@ -12,6 +12,7 @@ import torch
 
 from ..dictionary import NORM_EPS
 from ..noise import gumbel_noise
+from . import compute_dtype
 
 NAME = "reference"
 
@@ -51,7 +52,7 @@ def _similarity_vjp(ds, r, w, s, similarity):
 
 def _forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
     """(r, w, s, z) in the compute dtype, with z = (s + g) / tau."""
-    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(features.dtype)
     r, w = features.to(dtype), dictionary.to(dtype)
     s = _similarity(r, w, similarity)
     z = s
