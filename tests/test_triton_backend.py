@@ -41,7 +41,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed (pip install fierce_ext[triton])")
 
 import fierce_ext  # noqa: E402
-from fierce_ext.backends import chunked, reference  # noqa: E402
+from fierce_ext.backends import chunked, fp32_precision, reference  # noqa: E402
 from fierce_ext.backends import fused_triton as ft  # noqa: E402
 from fierce_ext.dictionary import bin_dictionary  # noqa: E402
 from fierce_ext.noise import SEED_LIMIT, random_words  # noqa: E402
@@ -418,19 +418,20 @@ def test_rejects_unknown_estimator_and_similarity():
 
 
 def test_precision_setting_is_validated(monkeypatch):
-    monkeypatch.delenv("FIERCE_EXT_TRITON_PRECISION", raising=False)
     monkeypatch.delenv("FIERCE_EXT_FP32_PRECISION", raising=False)
-    assert ft._precision_from_env() == "tf32"
-    monkeypatch.setenv("FIERCE_EXT_FP32_PRECISION", "tf32x3")  # the cuda backend's switch
-    assert ft._precision_from_env() == "tf32x3"
-    monkeypatch.setenv("FIERCE_EXT_TRITON_PRECISION", "IEEE")  # the Triton one wins
-    assert ft._precision_from_env() == "ieee"
-    monkeypatch.setenv("FIERCE_EXT_TRITON_PRECISION", "fp64")
-    with pytest.raises(ValueError, match="FIERCE_EXT_TRITON_PRECISION"):
-        ft._precision_from_env()
+    assert fp32_precision() == "tf32"
+    monkeypatch.setenv("FIERCE_EXT_FP32_PRECISION", " IEEE ")
+    assert fp32_precision() == "ieee"
+    monkeypatch.setenv("FIERCE_EXT_FP32_PRECISION", "tf32x3")
     monkeypatch.setattr(ft, "FP32_PRECISION", None)  # None: the environment decides, per call
+    assert ft._precision(torch.float32) == "tf32x3"
+    assert ft._precision(torch.bfloat16) == "tf32" and ft._precision(torch.float64) == "ieee"
+    monkeypatch.setattr(ft, "FP32_PRECISION", "ieee")  # the module setting wins
+    assert ft._precision(torch.float32) == "ieee"
+    monkeypatch.setattr(ft, "FP32_PRECISION", None)
+    monkeypatch.setenv("FIERCE_EXT_FP32_PRECISION", "fp64")
     features, dictionary, _ = make_problem(4, 3, 1, 5, torch.float32, seed=16)
-    with pytest.raises(ValueError, match="FIERCE_EXT_TRITON_PRECISION"):
+    with pytest.raises(ValueError, match="FIERCE_EXT_FP32_PRECISION"):
         ft.histogram_forward(features, dictionary, "dot", "softmax", 1.0, 0, 0)
     monkeypatch.setattr(ft, "FP32_PRECISION", "half")
     with pytest.raises(ValueError, match="FP32_PRECISION"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,21 @@ _MODULES = {
 _AUTO_ORDER = {"cpu": ("torch",), "cuda": ("cuda", "triton", "torch")}
 
 BACKENDS = tuple(_MODULES)
+
+
+# How the GPU backends multiply float32 features: "tf32" (tensor cores, the default), "tf32x3"
+# (three TF32 passes, near float32: Triton; the cuda backend computes it exactly) or "ieee"
+# (exact float32 FMAs). Read at each call, so it can change between steps.
+FP32_PRECISION_ENV = "FIERCE_EXT_FP32_PRECISION"
+FP32_PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
+def fp32_precision() -> str:
+    """The float32 precision FIERCE_EXT_FP32_PRECISION asks for ("tf32" when unset)."""
+    value = os.environ.get(FP32_PRECISION_ENV, "").strip().lower() or "tf32"
+    if value not in FP32_PRECISIONS:
+        raise ValueError(f"{FP32_PRECISION_ENV} must be one of {FP32_PRECISIONS}, got {value!r}")
+    return value
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -16,8 +16,8 @@ them. Importing it never imports the extension; a missing or broken extension on
 `unavailable_reason` say why.
 
 Precision of float32 features: the logit and gradient GEMMs use tf32 tensor cores unless the
-environment variable FIERCE_EXT_FP32_PRECISION is "ieee" (exact float32 FMAs). The default is
-"tf32" (not torch.backends.cuda.matmul.allow_tf32, which defaults to False), because this
+environment variable FIERCE_EXT_FP32_PRECISION (backends.fp32_precision) is "ieee" or "tf32x3"
+(both: exact float32 FMAs; this backend has no three-pass TF32). The default is "tf32" (not torch.backends.cuda.matmul.allow_tf32, which defaults to False), because this
 backend exists for speed and its statistics accumulate in float32 either way. float16/bfloat16
 features use their own tensor cores with float32 accumulation; float64 features use float64 FMAs.
 The cached projection assumes the dictionary is only changed in place through autograd-visible
@@ -28,18 +28,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import threading
 
 import torch
 
 from ..dictionary import derived, project_dictionary
-from . import compute_dtype
+from . import compute_dtype, fp32_precision
 
 NAME = "cuda"
 
-PRECISION_ENV = "FIERCE_EXT_FP32_PRECISION"
-PRECISIONS = ("tf32", "ieee")
 MIN_CAPABILITY = (8, 0)  # bfloat16 / tf32 WMMA
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BUILD_HINT = ("build it with `FIERCE_EXT_BUILD_CUDA=1 pip install --no-build-isolation .` "
@@ -133,10 +130,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def allow_tf32() -> bool:
     """Whether float32 features multiply on tf32 tensor cores (FIERCE_EXT_FP32_PRECISION)."""
-    value = os.environ.get(PRECISION_ENV, "tf32").strip().lower()
-    if value not in PRECISIONS:
-        raise ValueError(f"{PRECISION_ENV} must be one of {PRECISIONS}, got {value!r}")
-    return value == "tf32"
+    return fp32_precision() == "tf32"
 
 
 def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -29,10 +29,10 @@ tiles as y (G - e); `_grad_kernel` is a tiled GEMM of that scratch with the proj
 whose epilogue applies a_b, 1 / (B tau) and the cosine correction, writing each gradient element
 exactly once, in the features' dtype.
 
-Precision: float32 features multiply in TF32 on the tensor cores by default. The first of these
-that is set chooses, at each call: `fused_triton.FP32_PRECISION`, the environment variable
-FIERCE_EXT_TRITON_PRECISION, then FIERCE_EXT_FP32_PRECISION (shared with the cuda backend);
-values "tf32", "tf32x3" (three TF32 passes, near fp32) or "ieee" (exact fp32, no tensor cores).
+Precision: float32 features multiply in TF32 on the tensor cores by default. At each call,
+`fused_triton.FP32_PRECISION` chooses if set, else the environment variable
+FIERCE_EXT_FP32_PRECISION (shared with the cuda backend, backends.fp32_precision): "tf32",
+"tf32x3" (three TF32 passes, near fp32) or "ieee" (exact fp32, no tensor cores).
 float16/bfloat16 features multiply in their own dtype with float32 accumulation; float64
 features compute in float64 throughout.
 
@@ -49,14 +49,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 
 import numpy as np
 import torch
 
 from ..dictionary import NORM_EPS, derived, project_dictionary
 from ..noise import SEED_LIMIT
-from . import compute_dtype
+from . import FP32_PRECISIONS, compute_dtype, fp32_precision
 
 # Triton itself comes through triton_noise, which stays importable without it.
 from .triton_noise import IMPORT_ERROR as _IMPORT_ERROR
@@ -66,23 +65,10 @@ from .triton_noise import jit as _jit
 NAME = "triton"
 
 ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
-FP32_PRECISIONS = ("tf32", "tf32x3", "ieee")
-PRECISION_ENVS = ("FIERCE_EXT_TRITON_PRECISION", "FIERCE_EXT_FP32_PRECISION")
 
 # How float32 features are multiplied (ignored by the interpreter): one of FP32_PRECISIONS, or
-# None to read PRECISION_ENVS (then "tf32") at each call.
+# None to read FIERCE_EXT_FP32_PRECISION at each call.
 FP32_PRECISION: str | None = None
-
-
-def _precision_from_env() -> str:
-    for name in PRECISION_ENVS:
-        value = os.environ.get(name)
-        if value is not None and value.strip():
-            value = value.strip().lower()
-            if value not in FP32_PRECISIONS:
-                raise ValueError(f"{name} must be one of {FP32_PRECISIONS}, got {value!r}")
-            return value
-    return "tf32"
 
 
 # The backward's y scratch for one chunk of rows: at most this fraction of the gradient's bytes,
@@ -427,7 +413,7 @@ def _precision(dot_dtype: torch.dtype) -> str:
     if dot_dtype != torch.float32:
         return "tf32"  # Triton's default; only fp32 operands read it
     if FP32_PRECISION is None:
-        return _precision_from_env()
+        return fp32_precision()
     if FP32_PRECISION not in FP32_PRECISIONS:
         raise ValueError(f"fused_triton.FP32_PRECISION must be one of {FP32_PRECISIONS} or "
                          f"None, got {FP32_PRECISION!r}")

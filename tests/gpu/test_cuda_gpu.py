@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import fierce_ext
-from fierce_ext.backends import chunked, reference
+from fierce_ext.backends import FP32_PRECISION_ENV, FP32_PRECISIONS, chunked, reference
 from fierce_ext.backends import cuda as cuda_backend
 from fierce_ext.dictionary import bin_dictionary, uniform_dictionary
 from fierce_ext.noise import gumbel_noise
@@ -53,7 +53,7 @@ def _cuda_backend_must_be_available():
 @pytest.fixture
 def precision(monkeypatch):
     def set_precision(value):
-        monkeypatch.setenv(cuda_backend.PRECISION_ENV, value)
+        monkeypatch.setenv(FP32_PRECISION_ENV, value)
     return set_precision
 
 
@@ -261,14 +261,15 @@ def test_precision_switch(precision):
     exact, _ = reference.histogram_forward(features.double(), dictionary, "dot", "softmax", 0.2,
                                            1, 0)
     errors = {}
-    for value in cuda_backend.PRECISIONS:
+    for value in FP32_PRECISIONS:
         precision(value)
         histogram, _ = cuda_backend.histogram_forward(features, dictionary, "dot", "softmax", 0.2,
                                                       1, 0)
         errors[value] = (histogram.double() - exact).abs().max().item()
     assert errors["ieee"] < 1e-5 and errors["ieee"] * 10 < errors["tf32"], errors
+    assert errors["tf32x3"] == errors["ieee"]  # this backend computes tf32x3 exactly
     precision("fp8")
-    with pytest.raises(ValueError, match=cuda_backend.PRECISION_ENV):
+    with pytest.raises(ValueError, match=FP32_PRECISION_ENV):
         cuda_backend.histogram_forward(features, dictionary, "dot", "softmax", 0.2, 1, 0)
 
 
