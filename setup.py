@@ -1,9 +1,13 @@
-"""Builds fierce_ext, with the compiled CUDA extension `fierce_ext._C` where it can be built.
+"""Builds fierce_ext with its compiled extension `fierce_ext._C` (csrc/) where it can be built.
 
-The extension is built when torch has CUDA and nvcc is found (CUDA_HOME); otherwise the package
-installs without it and the `cuda` backend reports why it is unavailable. Environment switches:
-    FIERCE_EXT_BUILD_CUDA=1   require the extension (fail if it cannot be built)
-    FIERCE_EXT_BUILD_CUDA=0   never build it
+`fierce_ext._C` holds the CPU noise op (csrc/noise_cpu.cpp, for the torch backend) and, when
+torch has CUDA and nvcc is found (CUDA_HOME), the CUDA kernels of the `cuda` backend. It needs
+torch at build time (`pip install --no-build-isolation .`). Without torch, or when the optional
+build fails (no compiler, say), the package installs without it: the torch backend then draws
+its noise in numpy (same bits, slower) and the `cuda` backend reports why it is unavailable.
+Environment switches:
+    FIERCE_EXT_BUILD_CUDA=1   require the CUDA kernels (fail if they cannot be built)
+    FIERCE_EXT_BUILD_CUDA=0   build the CPU op only
     TORCH_CUDA_ARCH_LIST      target architectures (default: "8.0;9.0" when no GPU is visible)
 """
 
@@ -12,53 +16,68 @@ import sys
 
 from setuptools import setup
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCES = ["csrc/module.cpp", "csrc/noise_cpu.cpp"]
+CUDA_SOURCES = ["csrc/fierce_ops.cpp", "csrc/fierce_kernels.cu"]
+ON = ("1", "yes", "true", "on")
+OFF = ("0", "no", "false", "off")
 
 
-def _cuda_extension():
+def _cuda_reason(torch, cpp_extension, switch):
+    """Why the CUDA kernels are not built, or None when they are."""
+    if switch in OFF:
+        return "FIERCE_EXT_BUILD_CUDA=0"
+    if not torch.version.cuda:
+        return f"torch {torch.__version__} is a CPU build"
+    if not cpp_extension.CUDA_HOME:
+        return "nvcc / CUDA_HOME not found"
+    return None
+
+
+def _extension():
     switch = os.environ.get("FIERCE_EXT_BUILD_CUDA", "auto").strip().lower()
-    if switch in ("0", "no", "false", "off"):
-        print("fierce_ext: FIERCE_EXT_BUILD_CUDA=0, not building the CUDA extension")
-        return None, {}
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        reason = "torch is not importable at build time (use pip install --no-build-isolation .)"
-    else:
-        if not torch.version.cuda:
-            reason = f"torch {torch.__version__} is a CPU build"
-        elif not cpp_extension.CUDA_HOME:
-            reason = "nvcc / CUDA_HOME not found"
-        else:
-            reason = None
-    sources_dir = os.path.join(ROOT, "csrc")
-    sources = sorted(
-        os.path.join("csrc", name) for name in os.listdir(sources_dir)
-        if name.endswith((".cpp", ".cu"))
-    ) if os.path.isdir(sources_dir) else []
-    if reason is None and not sources:
-        reason = "csrc/ holds no sources"
-    if reason is not None:
-        if switch in ("1", "yes", "true", "on"):
-            sys.exit(f"fierce_ext: FIERCE_EXT_BUILD_CUDA=1 but the CUDA extension cannot be "
-                     f"built: {reason}")
-        print(f"fierce_ext: not building the CUDA extension ({reason}); "
-              "the torch and triton backends do not need it")
+        if switch in ON:
+            sys.exit("fierce_ext: FIERCE_EXT_BUILD_CUDA=1 but torch is not importable at build "
+                     "time (use pip install --no-build-isolation .)")
+        print("fierce_ext: torch is not importable at build time (use pip install "
+              "--no-build-isolation .): installing without the compiled extension")
         return None, {}
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    extension = cpp_extension.CUDAExtension(
-        name="fierce_ext._C",
-        sources=sources,
-        # No -std flag: torch's BuildExtension picks the standard its headers need (C++20 for
-        # torch 2.14, whose ATen.h rejects C++17). No --use_fast_math: it would change
-        # logf/expf and so the Gumbel noise that every backend must share.
-        extra_compile_args={"cxx": ["-O3"],
-                            "nvcc": ["-O3", "-lineinfo"]},
-    )
-    return extension, {"build_ext": cpp_extension.BuildExtension}
+    reason = _cuda_reason(torch, cpp_extension, switch)
+    if reason is not None and switch in ON:
+        sys.exit(f"fierce_ext: FIERCE_EXT_BUILD_CUDA=1 but the CUDA kernels cannot be built: "
+                 f"{reason}")
+    # No -std flag: torch's BuildExtension picks the standard its headers need (C++20 for torch
+    # 2.14, whose ATen.h rejects C++17). No --use_fast_math: it would change logf/expf and so
+    # the Gumbel noise that every backend must share.
+    if reason is None:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        extension = cpp_extension.CUDAExtension(
+            name="fierce_ext._C", sources=CPU_SOURCES + CUDA_SOURCES,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
+    else:
+        print(f"fierce_ext: not building the CUDA kernels ({reason}); the torch and triton "
+              "backends do not need them")
+        extension = cpp_extension.CppExtension(
+            name="fierce_ext._C", sources=CPU_SOURCES, extra_compile_args=["-O3"])
+    # Optional unless the CUDA kernels were asked for: a failed build leaves a working package.
+    extension.optional = switch not in ON
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:  # torch's ninja build raises RuntimeError
+                if not getattr(ext, "optional", False):
+                    raise
+                print(f"fierce_ext: WARNING: building {ext.name} failed ({error}); installing "
+                      "without it (set FIERCE_EXT_BUILD_CUDA=1 to make this an error)")
+
+    return extension, {"build_ext": BuildExtension}
 
 
-extension, cmdclass = _cuda_extension()
+extension, cmdclass = _extension()
 setup(ext_modules=[extension] if extension else [], cmdclass=cmdclass)

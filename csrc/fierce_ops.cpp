@@ -11,8 +11,6 @@
 // in the compute dtype or None. fierce_ext/backends/cuda.py prepares both (and caches them) and
 // registers the fake implementations. Only CUDA kernels are registered: on other devices the
 // dispatcher reports that the op has no kernel for that backend.
-#include <Python.h>
-
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -289,13 +287,4 @@ TORCH_LIBRARY_FRAGMENT(fierce_ext, m) {
 TORCH_LIBRARY_IMPL(fierce_ext, CUDA, m) {
   m.impl("cuda_histogram_forward", &fierce::histogram_forward);
   m.impl("cuda_histogram_backward", &fierce::histogram_backward);
-}
-
-// `import fierce_ext._C` loads this library (and so runs the registrations above); the module
-// itself has no Python functions, so it needs no pybind11.
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "fierce_ext's compiled CUDA ops (see torch.ops.fierce_ext)", -1,
-                               nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
 }

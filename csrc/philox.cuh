@@ -1,4 +1,5 @@
-// The shared Gumbel noise rule (fierce_ext/noise.py), on the device.
+// The shared Gumbel noise rule (fierce_ext/noise.py), for the CUDA kernels (and, compiled for the
+// host, the CPU op of noise_cpu.cpp).
 //
 //   Q       = ceil(K / 4)
 //   n       = ((row_offset + b) * C + h) * Q + k / 4             (64-bit counter)
@@ -49,14 +50,16 @@ __device__ __forceinline__ PhiloxWords philox4x32_10(uint64_t counter, uint64_t 
 }
 
 // u = (2 * (x >> 9) + 1) * 2^-24: exact in float (24 significant bits), never 0 or 1.
+template <typename T> __device__ __forceinline__ T uniform_from_word(uint32_t word) {
+  return static_cast<T>(((word >> 9) << 1) + 1u) * static_cast<T>(5.9604644775390625e-08);
+}
+
 __device__ __forceinline__ float gumbel_from_word(uint32_t word, float /*tag*/) {
-  const float u = static_cast<float>(((word >> 9) << 1) + 1u) * 5.9604644775390625e-08f;
-  return -logf(-logf(u));
+  return -logf(-logf(uniform_from_word<float>(word)));
 }
 
 __device__ __forceinline__ double gumbel_from_word(uint32_t word, double /*tag*/) {
-  const double u = static_cast<double>(((word >> 9) << 1) + 1u) * 5.9604644775390625e-08;
-  return -log(-log(u));
+  return -log(-log(uniform_from_word<double>(word)));
 }
 
 // The counter of the first bin of the quad holding bin k (k a multiple of 4).

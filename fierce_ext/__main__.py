@@ -7,6 +7,7 @@ import platform
 import torch
 
 import fierce_ext
+from fierce_ext import _extension, noise
 from fierce_ext.backends import available_backends
 
 
@@ -18,6 +19,16 @@ def _version(module_name: str) -> str:
     return getattr(module, "__version__", "unknown")
 
 
+def _compiled() -> str:
+    """What fierce_ext._C provides here."""
+    reason = _extension.load()
+    if reason is not None:
+        return f"fierce_ext._C not loaded: {reason} (CPU noise in numpy)"
+    parts = ["fierce_ext._C: CPU noise op " + ("yes" if noise.compiled_uniform() else "no"),
+             "CUDA kernels " + ("yes" if _extension.has_ops("cuda_histogram_forward") else "no")]
+    return ", ".join(parts)
+
+
 def report() -> str:
     lines = [
         f"fierce_ext {fierce_ext.__version__}",
@@ -25,6 +36,7 @@ def report() -> str:
         f"torch      {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
         f"triton     {_version('triton')}",
         f"numpy      {_version('numpy')}",
+        f"compiled   {_compiled()}",
         "",
         "devices:",
         "  cpu",

@@ -28,6 +28,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import _extension
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
@@ -57,9 +59,10 @@ def philox4x32_10(
     return c0, c1, c2, c3
 
 
-# The CPU computes the words in numpy (per-operation overhead ~1 us against torch's ~4 us: at the
-# paper's batch sizes the noise is a few thousand counters and overhead is much of its cost),
-# CPU_BLOCK counters at a time so that the operands of the rounds stay in cache.
+# Without the compiled op (compiled_uniform), the CPU computes the words in numpy (per-operation
+# overhead ~1 us against torch's ~4 us: at the paper's batch sizes the noise is a few thousand
+# counters and overhead is much of its cost), CPU_BLOCK counters at a time so that the operands of
+# the rounds stay in cache.
 CPU_BLOCK = 8192
 _NP_MASK32 = np.uint64(MASK32)
 _NP_SHIFT32 = np.uint64(32)
@@ -118,11 +121,40 @@ def uniform_from_words(words: torch.Tensor, dtype: torch.dtype = torch.float32) 
     return ((words >> 9) * 2 + 1).to(dtype) * (2.0**-24)
 
 
+_UNSET = object()
+_compiled_uniform = _UNSET
+
+
+def compiled_uniform():
+    """The compiled CPU op that writes the rule's u (fierce_ext._C, csrc/noise_cpu.cpp), or None
+    when the extension is missing: the words are then computed in numpy, the same bits ~4x
+    slower."""
+    global _compiled_uniform
+    if _compiled_uniform is _UNSET:
+        loaded = _extension.load() is None and _extension.has_ops("philox_uniform_")
+        _compiled_uniform = torch.ops.fierce_ext.philox_uniform_ if loaded else None
+    return _compiled_uniform
+
+
+def uniform_noise(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0,
+                  device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The rule's u[b, h, k], shape (rows, heads, bins)."""
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        op = compiled_uniform()
+        if op is not None:
+            u = torch.empty(rows, heads, bins, dtype=dtype)
+            op(u, seed, row_offset)
+            return u
+    return uniform_from_words(random_words(seed, rows, heads, bins, row_offset, device), dtype)
+
+
 def gumbel_noise(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0,
                  device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard Gumbel noise g[b, h, k] of the shared rule, shape (rows, heads, bins)."""
-    u = uniform_from_words(random_words(seed, rows, heads, bins, row_offset, device), dtype)
+    u = uniform_noise(seed, rows, heads, bins, row_offset, device, dtype)
     return u.log_().neg_().log_().neg_()  # -log(-log(u)), in place on a fresh tensor
 
 

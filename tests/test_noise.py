@@ -98,6 +98,52 @@ def test_gumbel_matches_numpy(dtype):
                                   numpy_uniform(numpy_random_words(seed, *shape, 11)))
 
 
+def _compiled_uniform():
+    op = noise.compiled_uniform()
+    if op is None:  # .ci/run checks that its install has the op, so CI never skips this
+        pytest.skip("fierce_ext._C (the compiled CPU noise op) is not built here")
+    return op
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1), rows=st.integers(1, 9), heads=st.integers(1, 4),
+       bins=st.integers(1, 13), dtype=st.sampled_from([torch.float32, torch.float64]),
+       row_offset=st.one_of(st.integers(0, 1000), st.integers(2**32 - 20, 2**32 + 20),
+                            st.integers(0, 2**40)))
+def test_compiled_uniform_matches_numpy_bit_for_bit(seed, rows, heads, bins, dtype, row_offset):
+    _compiled_uniform()
+    got = noise.uniform_noise(seed, rows, heads, bins, row_offset, dtype=dtype)
+    assert got.dtype == dtype and got.shape == (rows, heads, bins) and got.is_contiguous()
+    expected = numpy_uniform(numpy_random_words(seed, rows, heads, bins, row_offset))
+    np.testing.assert_array_equal(got.numpy().astype(np.float64), expected)
+
+
+def test_compiled_uniform_split_over_threads():
+    # Large enough for torch's parallel_for to split the (row, head) pairs over threads: every
+    # task must write exactly its own rows.
+    _compiled_uniform()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(2, previous))
+    try:
+        got = noise.uniform_noise(2**40 + 7, 3001, 3, 37, 2**31 - 5, dtype=torch.float64)
+    finally:
+        torch.set_num_threads(previous)
+    words = numpy_random_words(2**40 + 7, 3001, 3, 37, 2**31 - 5)
+    np.testing.assert_array_equal(got.numpy(), numpy_uniform(words))
+
+
+def test_compiled_uniform_rejects_bad_arguments():
+    op = _compiled_uniform()
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        op(torch.empty(2, 1, 3, dtype=torch.float16), 0, 0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.empty(3, 1, 2).transpose(0, 2), 0, 0)
+    with pytest.raises(RuntimeError, match="rows, heads, bins"):
+        op(torch.empty(2, 3), 0, 0)
+    with pytest.raises(RuntimeError, match="seed"):
+        op(torch.empty(2, 1, 3), -1, 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_uniform_strictly_inside_unit_interval(dtype):
     # The extreme words 0 and 2^32-1 map to 2^-24 and 1 - 2^-24, never 0 or 1: g stays finite.
@@ -107,7 +153,7 @@ def test_uniform_strictly_inside_unit_interval(dtype):
     assert bool(((u > 0) & (u < 1)).all())
     g = -torch.log(-torch.log(u))
     assert bool(torch.isfinite(g).all())
-    drawn = noise.uniform_from_words(noise.random_words(1, 500, 2, 64), dtype)
+    drawn = noise.uniform_noise(1, 500, 2, 64, dtype=dtype)
     assert bool(((drawn > 0) & (drawn < 1)).all())
     assert bool(torch.isfinite(noise.gumbel_noise(1, 500, 2, 64, dtype=dtype)).all())
 

@@ -16,9 +16,10 @@ them. Importing it never imports the extension; a missing or broken extension on
 `unavailable_reason` say why.
 
 Precision of float32 features: the logit and gradient GEMMs use tf32 tensor cores unless the
-environment variable FIERCE_EXT_FP32_PRECISION (backends.fp32_precision) is "ieee" or "tf32x3"
-(both: exact float32 FMAs; this backend has no three-pass TF32). The default is "tf32" (not torch.backends.cuda.matmul.allow_tf32, which defaults to False), because this
-backend exists for speed and its statistics accumulate in float32 either way. float16/bfloat16
+environment variable FIERCE_EXT_FP32_PRECISION (backends.fp32_precision) is "ieee" or
+"tf32x3" (both: exact float32 FMAs; this backend has no three-pass TF32). The default is "tf32"
+(not torch.backends.cuda.matmul.allow_tf32, which defaults to False), because this backend
+exists for speed and its statistics accumulate in float32 either way. float16/bfloat16
 features use their own tensor cores with float32 accumulation; float64 features use float64 FMAs.
 The cached projection assumes the dictionary is only changed in place through autograd-visible
 operations (which bump its version counter), not through `.data.copy_()`.
@@ -26,12 +27,11 @@ operations (which bump its version counter), not through `.data.copy_()`.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import threading
 
 import torch
 
+from .. import _extension
 from ..dictionary import derived, project_dictionary
 from . import compute_dtype, fp32_precision
 
@@ -39,49 +39,22 @@ NAME = "cuda"
 
 MIN_CAPABILITY = (8, 0)  # bfloat16 / tf32 WMMA
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BUILD_HINT = ("build it with `FIERCE_EXT_BUILD_CUDA=1 pip install --no-build-isolation .` "
-              "against a CUDA build of torch, with nvcc (CUDA_HOME) available")
 
-_lock = threading.Lock()
-_extension = None        # the imported fierce_ext._C
-_load_error: str | None = None
+_fakes_lock = threading.Lock()
 _fakes_registered = False
+_OPS = ("cuda_histogram_forward", "cuda_histogram_backward")
 
 
 def _load() -> str | None:
-    """Import fierce_ext._C once; None when it is usable, else why not."""
-    global _extension, _load_error
-    with _lock:
-        if _extension is not None or _load_error is not None:
-            return _load_error
-        try:
-            spec = importlib.util.find_spec("fierce_ext._C")
-        except (ImportError, ValueError) as error:
-            spec, _load_error = None, f"cannot look for fierce_ext._C: {error}"
-            return _load_error
-        if spec is None:
-            _load_error = f"fierce_ext was installed without the CUDA extension: {BUILD_HINT}"
-            return _load_error
-        try:
-            module = importlib.import_module("fierce_ext._C")
-        except Exception as error:  # ImportError, OSError: ABI mismatch, missing libraries
-            _load_error = (f"the CUDA extension fierce_ext._C failed to import "
-                           f"({type(error).__name__}: {error}); it was probably built against "
-                           f"another torch or CUDA: rebuild it ({BUILD_HINT})")
-            return _load_error
-        if not _ops_registered():
-            _load_error = (f"fierce_ext._C imported but does not register "
-                           f"fierce_ext::cuda_histogram_forward/backward: it is stale; rebuild it "
-                           f"({BUILD_HINT})")
-            return _load_error
-        _register_fakes()
-        _extension = module
-        return None
-
-
-def _ops_registered() -> bool:
-    return all(hasattr(torch.ops.fierce_ext, name)
-               for name in ("cuda_histogram_forward", "cuda_histogram_backward"))
+    """None when the extension's CUDA ops can run, else why not."""
+    reason = _extension.load()
+    if reason is not None:
+        return reason
+    if not _extension.has_ops(*_OPS):
+        return ("fierce_ext._C was built without its CUDA kernels (a CPU build of torch, no nvcc, "
+                f"FIERCE_EXT_BUILD_CUDA=0, or a stale build): {_extension.BUILD_HINT}")
+    _register_fakes()
+    return None
 
 
 def _register_fakes() -> None:
@@ -89,9 +62,13 @@ def _register_fakes() -> None:
     the extension, or when this module is imported with the extension already loaded (the ops
     name this module with set_python_module, so torch imports it when it needs their fakes)."""
     global _fakes_registered
-    if _fakes_registered:
-        return
+    with _fakes_lock:
+        if not _fakes_registered:
+            _register_fakes_once()
+            _fakes_registered = True
 
+
+def _register_fakes_once() -> None:
     @torch.library.register_fake("fierce_ext::cuda_histogram_forward")
     def _forward_fake(features, vt, bias, similarity, estimator, tau, seed, row_offset,
                       allow_tf32):
@@ -104,8 +81,6 @@ def _register_fakes() -> None:
     def _backward_fake(grad_histogram, features, vt, bias, lse, similarity, estimator, tau, seed,
                        row_offset, allow_tf32):
         return features.new_empty(features.shape)  # contiguous, like the kernel's output
-
-    _fakes_registered = True
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -178,5 +153,5 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
     return grad_features.to(dtype)
 
 
-if _ops_registered():  # the extension was loaded before this module (see _register_fakes)
+if _extension.has_ops(*_OPS):  # the extension was loaded before this module (see _register_fakes)
     _register_fakes()
