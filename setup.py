@@ -67,14 +67,14 @@ def _extension():
     extension.optional = switch not in ON
 
     class BuildExtension(cpp_extension.BuildExtension):
-        def build_extension(self, ext):
+        def run(self):  # the whole step: torch checks the compiler before building anything
             try:
-                super().build_extension(ext)
-            except Exception as error:  # torch's ninja build raises RuntimeError
-                if not getattr(ext, "optional", False):
+                super().run()
+            except Exception as error:  # RuntimeError from ninja, CalledProcessError, ...
+                if not all(getattr(ext, "optional", False) for ext in self.extensions):
                     raise
-                print(f"fierce_ext: WARNING: building {ext.name} failed ({error}); installing "
-                      "without it (set FIERCE_EXT_BUILD_CUDA=1 to make this an error)")
+                print(f"fierce_ext: WARNING: building fierce_ext._C failed ({error}); "
+                      "installing without it (FIERCE_EXT_BUILD_CUDA=1 makes this an error)")
 
     return extension, {"build_ext": BuildExtension}
 

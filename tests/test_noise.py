@@ -118,6 +118,13 @@ def test_compiled_uniform_matches_numpy_bit_for_bit(seed, rows, heads, bins, dty
     np.testing.assert_array_equal(got.numpy().astype(np.float64), expected)
 
 
+def test_uniform_noise_without_the_compiled_op(monkeypatch):
+    # An install without fierce_ext._C draws the same bits in numpy.
+    monkeypatch.setattr(noise, "_compiled_uniform", None)
+    got = noise.uniform_noise(77, 5, 2, 9, 3, dtype=torch.float64)
+    np.testing.assert_array_equal(got.numpy(), numpy_uniform(numpy_random_words(77, 5, 2, 9, 3)))
+
+
 def test_compiled_uniform_split_over_threads():
     # Large enough for torch's parallel_for to split the (row, head) pairs over threads: every
     # task must write exactly its own rows.
