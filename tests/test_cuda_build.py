@@ -13,7 +13,8 @@ Two groups of tests:
   the backend's reason for being unavailable without a GPU). They need a CUDA build of torch and
   the installed extension: .ci/check_cuda_build.sh builds it in a second venv and runs them with
   FIERCE_EXT_REQUIRE_EXTENSION=1, which turns "not built" into a failure. Elsewhere (the CPU
-  torch of the main CI, where setup.py skips the extension) they are skipped with that reason.
+  torch of the main CI, where setup.py builds fierce_ext._C with its CPU noise op only) they are
+  skipped with that reason.
 
 Tolerances of the emulated comparisons (kernel vs torch backend, same rounded inputs): float64
 to 1e-12; float32 (exact FMAs) to a few float32 ulps of the logits (the sums run in another
