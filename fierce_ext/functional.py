@@ -32,8 +32,7 @@ from . import ops
 ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
 REDUCTIONS = ("mean", "none")
 
-# The paper's guard inside the logarithm: empty bins contribute 0 and get a finite gradient.
-ENTROPY_EPS = 1e-21
+ENTROPY_EPS = backends.ENTROPY_EPS  # the paper's guard inside the logarithm
 
 
 def histogram(features: Tensor, dictionary: Tensor, *, similarity: str = "cosine",
@@ -63,6 +62,19 @@ def histogram(features: Tensor, dictionary: Tensor, *, similarity: str = "cosine
 def _checked_histogram(features, dictionary, similarity, estimator, tau, seed, backend,
                        row_offset, sync, process_group) -> Tensor:
     """`histogram` once features and dictionary are known to be valid."""
+    tau, name, seed_tensor, group = _checked_options(features, similarity, estimator, tau, seed,
+                                                     backend, row_offset, sync, process_group)
+    if group is not None:
+        return distributed.global_histogram(features, dictionary, seed_tensor, similarity,
+                                            estimator, tau, row_offset, name, group)
+    hist, _ = ops.histogram(features, dictionary, seed_tensor, similarity, estimator, tau,
+                            row_offset, name)
+    return hist
+
+
+def _checked_options(features, similarity, estimator, tau, seed, backend, row_offset, sync,
+                     process_group):
+    """The checked options of a call: (tau, backend name, seed tensor, process group or None)."""
     _check_choice("similarity", similarity, SIMILARITIES)
     _check_choice("estimator", estimator, ESTIMATORS)
     tau = _check_tau(tau)
@@ -73,14 +85,7 @@ def _checked_histogram(features, dictionary, similarity, estimator, tau, seed, b
     if backend != "auto" and backend not in backends.BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
     group = _sync_group(sync, process_group)
-    name = _resolve_backend(backend, features.device)
-    seed_tensor = _seed_tensor(seed)
-    if group is not None:
-        return distributed.global_histogram(features, dictionary, seed_tensor, similarity,
-                                            estimator, tau, row_offset, name, group)
-    hist, _ = ops.histogram(features, dictionary, seed_tensor, similarity, estimator, tau,
-                            row_offset, name)
-    return hist
+    return tau, _resolve_backend(backend, features.device), _seed_tensor(seed), group
 
 
 def histogram_entropy(histogram: Tensor, reduction: str = "mean") -> Tensor:
@@ -88,8 +93,7 @@ def histogram_entropy(histogram: Tensor, reduction: str = "mean") -> Tensor:
     _check_choice("reduction", reduction, REDUCTIONS)
     if histogram.dim() != 2:
         raise ValueError(f"histogram must be 2-D (heads, bins), got shape {tuple(histogram.shape)}")
-    per_head = -(histogram * torch.log2(histogram + ENTROPY_EPS)).sum(dim=1)
-    return per_head.mean() if reduction == "mean" else per_head
+    return backends.entropy_bits(histogram, reduction)
 
 
 def entropy(features: Tensor, dictionary: Tensor | None = None, *, bins: int = 100,
@@ -120,9 +124,16 @@ def entropy(features: Tensor, dictionary: Tensor | None = None, *, bins: int = 1
                                         features.dtype == torch.float64)
     else:
         _check_dictionary(dictionary, features)
-    hist = _checked_histogram(features, dictionary, similarity, estimator, tau, seed, backend,
-                              0, sync, process_group)
-    return histogram_entropy(hist, reduction)
+    tau, name, seed_tensor, group = _checked_options(features, similarity, estimator, tau, seed,
+                                                     backend, 0, sync, process_group)
+    if group is not None:
+        hist = distributed.global_histogram(features, dictionary, seed_tensor, similarity,
+                                            estimator, tau, 0, name, group)
+        return backends.entropy_bits(hist, reduction)
+    # One op for histogram and entropy: a backend may fuse them (see fierce_ext.ops).
+    value, _, _ = ops.entropy(features, dictionary, seed_tensor, similarity, estimator, tau, 0,
+                              name, reduction)
+    return value
 
 
 def default_dictionary(dim: int, bins: int, heads: int, device: torch.device,

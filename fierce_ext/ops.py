@@ -1,17 +1,22 @@
-"""The autograd op that drives every backend: `Histogram`, and its torch.library custom ops.
+"""The autograd ops that drive every backend: `Histogram` and `Entropy`, and their custom ops.
 
 `histogram(...)` returns the batch histogram p (C, K) and the per-row statistic the backward
-needs; its backward maps dL/dp to dL/dr. Both directions exist as custom ops
-(`fierce_ext::histogram`, `fierce_ext::histogram_backward`) with fake (meta) implementations,
-so torch.compile traces through them without graph breaks and torch.library.opcheck can check
+needs; its backward maps dL/dp to dL/dr. `entropy(...)` returns the entropy of that histogram
+(bits, averaged over heads for reduction "mean") along with p and the statistic; its backward
+maps dL/dH to dL/dr. A backend may fuse the entropy into its kernels (backends/__init__.py);
+for the others `_entropy_forward` / `_entropy_backward` compose it from the histogram functions,
+so at the paper's sizes, where every small op costs about as much as the kernels, the `cuda`
+backend runs one or two launches per direction where the composed form adds about fifteen. Each direction
+exists as a custom op (`fierce_ext::histogram`, `fierce_ext::histogram_backward`,
+`fierce_ext::entropy`, `fierce_ext::entropy_backward`) with a fake (meta) implementation, so
+torch.compile traces through them without graph breaks and torch.library.opcheck can check
 them. The seed travels as a 0-d int64 CPU tensor so that drawing it inside a compiled region
 needs no `.item()` in the graph.
 
-One autograd.Function, `Histogram`, drives the backends. While tracing (torch.compile,
-torch.export, fake tensors, any TorchDispatchMode) it calls the custom ops; in plain eager
-calls it calls the backend directly, because a Python custom op costs ~0.2 ms of dispatch per
-direction, which on the CPU is as much as the whole computation at the paper's batch sizes.
-Both paths run the same two functions below, `_forward` and `_backward_features`.
+The autograd.Functions call the custom ops while anything traces (torch.compile, torch.export,
+fake tensors, any TorchDispatchMode); in plain eager calls they call the backend directly,
+because a Python custom op costs ~0.2 ms of dispatch per direction, which on the CPU is as much
+as the whole computation at the paper's batch sizes. Both paths run the same functions below.
 
 Mixed precision (torch.autocast): the ops have no autocast registration that casts inputs. They
 take float16/bfloat16 features as they are (a fused backend reads them directly, half the bytes of
@@ -50,6 +55,31 @@ def _backward_features(grad_histogram, features, dictionary, lse, seed, similari
         return backends.load(backend).histogram_backward(
             grad_histogram.contiguous(), features, dictionary, lse, similarity, estimator, tau,
             int(seed), row_offset)
+
+
+def _entropy_forward(features, dictionary, seed, similarity, estimator, tau, row_offset, backend,
+                     reduction):
+    module = backends.load(backend)
+    with _autocast_off(features.device):
+        if hasattr(module, "entropy_forward"):
+            return module.entropy_forward(features, dictionary, similarity, estimator, tau,
+                                          int(seed), row_offset, reduction)
+        histogram, lse = module.histogram_forward(features, dictionary, similarity, estimator,
+                                                  tau, int(seed), row_offset)
+        return backends.entropy_bits(histogram, reduction), histogram, lse
+
+
+def _entropy_backward(grad_entropy, histogram, features, dictionary, lse, seed, similarity,
+                      estimator, tau, row_offset, backend, reduction):
+    module = backends.load(backend)
+    with _autocast_off(features.device):
+        if hasattr(module, "entropy_backward"):
+            return module.entropy_backward(grad_entropy, histogram, features, dictionary, lse,
+                                           similarity, estimator, tau, int(seed), row_offset,
+                                           reduction)
+        grad_histogram = backends.entropy_bits_backward(grad_entropy, histogram, reduction)
+        return module.histogram_backward(grad_histogram, features, dictionary, lse, similarity,
+                                         estimator, tau, int(seed), row_offset)
 
 
 @torch.library.custom_op("fierce_ext::histogram", mutates_args=())
@@ -95,6 +125,7 @@ def _setup_context(ctx, inputs, output):
     features, dictionary, seed, similarity, estimator, tau, row_offset, backend = inputs
     _, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zeros for lse's gradient (a fill launch per step)
     ctx.save_for_backward(features, dictionary, lse, seed)
     ctx.options = (similarity, estimator, tau, row_offset, backend)
 
@@ -102,7 +133,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_histogram, _grad_lse):
     features, dictionary, lse, seed = ctx.saved_tensors
     grad_features = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_histogram is not None:
         args = (grad_histogram, features, dictionary, lse, seed, *ctx.options)
         # create_graph=True (grad mode on here) goes through the op too: it has no second
         # derivative, and the op says so when one is asked for, where a direct call would
@@ -131,6 +162,85 @@ class Histogram(torch.autograd.Function):
         return output
 
     backward = staticmethod(_backward)
+
+
+@torch.library.custom_op("fierce_ext::entropy", mutates_args=())
+def entropy_op(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
+               estimator: str, tau: float, row_offset: int, backend: str, reduction: str
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    return _entropy_forward(features, dictionary, seed, similarity, estimator, tau, row_offset,
+                            backend, reduction)
+
+
+@entropy_op.register_fake
+def _entropy_fake(features, dictionary, seed, similarity, estimator, tau, row_offset, backend,
+                  reduction):
+    histogram, lse = _histogram_fake(features, dictionary, seed, similarity, estimator, tau,
+                                     row_offset, backend)
+    shape = () if reduction == "mean" else (histogram.shape[0],)
+    return histogram.new_empty(shape), histogram, lse
+
+
+@torch.library.custom_op("fierce_ext::entropy_backward", mutates_args=())
+def entropy_backward_op(grad_entropy: Tensor, histogram: Tensor, features: Tensor,
+                        dictionary: Tensor, lse: Tensor, seed: Tensor, similarity: str,
+                        estimator: str, tau: float, row_offset: int, backend: str,
+                        reduction: str) -> Tensor:
+    return _entropy_backward(grad_entropy, histogram, features, dictionary, lse, seed,
+                             similarity, estimator, tau, row_offset, backend, reduction)
+
+
+@entropy_backward_op.register_fake
+def _entropy_backward_fake(grad_entropy, histogram, features, *args):
+    return torch.empty_like(features)
+
+
+def _entropy_setup_context(ctx, inputs, output):
+    features, dictionary, seed, similarity, estimator, tau, row_offset, backend, reduction = inputs
+    _, histogram, lse = output
+    ctx.mark_non_differentiable(histogram, lse)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(features, dictionary, histogram, lse, seed)
+    ctx.options = (similarity, estimator, tau, row_offset, backend, reduction)
+
+
+def _entropy_autograd_backward(ctx, grad_entropy, _grad_histogram, _grad_lse):
+    features, dictionary, histogram, lse, seed = ctx.saved_tensors
+    grad_features = None
+    if ctx.needs_input_grad[0] and grad_entropy is not None:
+        args = (grad_entropy, histogram, features, dictionary, lse, seed, *ctx.options)
+        direct = _plain_eager(grad_entropy, features) and not torch.is_grad_enabled()
+        grad_features = _entropy_backward(*args) if direct else entropy_backward_op(*args)
+    return grad_features, None, None, None, None, None, None, None, None
+
+
+entropy_op.register_autograd(_entropy_autograd_backward, setup_context=_entropy_setup_context)
+
+
+class Entropy(torch.autograd.Function):
+    """(entropy, histogram, lse) of features (B, D) against dictionary (C, D, K): the entropy
+    in bits (0-d for reduction "mean", (C,) for "none"), differentiable w.r.t. the features;
+    the histogram (C, K) and lse (B, C) are not. Arguments are those of `entropy_op`."""
+
+    @staticmethod
+    def forward(ctx, features, dictionary, seed, similarity, estimator, tau, row_offset,
+                backend, reduction):
+        args = (features, dictionary, seed, similarity, estimator, tau, row_offset, backend,
+                reduction)
+        output = (_entropy_forward(*args) if _plain_eager(features, dictionary)
+                  else entropy_op(*args))
+        _entropy_setup_context(ctx, args, output)
+        return output
+
+    backward = staticmethod(_entropy_autograd_backward)
+
+
+def entropy(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str, estimator: str,
+            tau: float, row_offset: int, backend: str, reduction: str
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """`Entropy.apply` (arguments checked by the caller, see fierce_ext.functional)."""
+    return Entropy.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
+                         backend, reduction)
 
 
 def histogram(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,

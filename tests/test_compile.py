@@ -17,7 +17,8 @@ from torch._dynamo.testing import AotEagerAndRecordGraphs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fierce_ext
-from fierce_ext.ops import histogram_backward_op, histogram_op
+from fierce_ext.ops import (entropy_backward_op, entropy_op, histogram_backward_op,
+                            histogram_op)
 from tiny_models import Net, eager_and_compiled_step
 
 BINS = 10
@@ -73,8 +74,8 @@ def test_compiled_entropy_default_dictionary_fixed_seed(backend):
     torch.testing.assert_close(grad, expected_grad)
     assert grad.abs().sum() > 0
     # Traced, the backend runs inside the custom ops (eager calls skip their dispatch).
-    assert _calls(recorder.fw_graphs, torch.ops.fierce_ext.histogram.default)
-    assert _calls(recorder.bw_graphs, torch.ops.fierce_ext.histogram_backward.default)
+    assert _calls(recorder.fw_graphs, torch.ops.fierce_ext.entropy.default)
+    assert _calls(recorder.bw_graphs, torch.ops.fierce_ext.entropy_backward.default)
 
 
 def test_compiled_entropy_seed_none_draws_from_default_generator():
@@ -123,6 +124,13 @@ def test_opcheck_histogram_ops(backend, similarity, estimator, dtype):
                           (grad_histogram, features.detach(), dictionary, lse, seed, similarity,
                            estimator, 0.7, 3, backend))
 
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(entropy_op, (*args, reduction))
+        value, hist, lse = entropy_op(*args, reduction)
+        torch.library.opcheck(entropy_backward_op,
+                              (torch.randn_like(value), hist, features.detach(), dictionary, lse,
+                               seed, similarity, estimator, 0.7, 3, backend, reduction))
+
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 def test_torch_export_captures_the_op(strict):
@@ -133,7 +141,7 @@ def test_torch_export_captures_the_op(strict):
     program = torch.export.export(model, (x,), strict=strict)
     targets = {node.target for module in program.graph_module.modules()
                for node in module.graph.nodes if node.op == "call_function"}
-    assert torch.ops.fierce_ext.histogram.default in targets
+    assert torch.ops.fierce_ext.entropy.default in targets
     assert torch.ops.aten.randint.low in targets  # seed=None: a fresh seed per call
     value = program.module()(x)
     assert value.shape == () and 0 < value.item() <= math.log2(10)
@@ -166,14 +174,14 @@ def test_eager_call_and_custom_op_path_agree(backend, estimator, monkeypatch):
         return value, torch.autograd.grad(value, x)[0]
 
     with monkeypatch.context() as patch:
-        for name in ("histogram_op", "histogram_backward_op"):
+        for name in ("entropy_op", "entropy_backward_op"):
             patch.setattr(fierce_ext.ops, name, lambda *args: pytest.fail("custom op called"))
         value, grad = value_and_grad()
     recorder = _RecordOps()
     with recorder:
         traced_value, traced_grad = value_and_grad()
-    assert torch.ops.fierce_ext.histogram.default in recorder.ops
-    assert torch.ops.fierce_ext.histogram_backward.default in recorder.ops
+    assert torch.ops.fierce_ext.entropy.default in recorder.ops
+    assert torch.ops.fierce_ext.entropy_backward.default in recorder.ops
     assert torch.equal(value, traced_value) and torch.equal(grad, traced_grad)
     assert grad.abs().sum() > 0
 

@@ -13,12 +13,24 @@ The compute dtype is float64 for float64 features and float32 otherwise. `lse` i
 per-row statistic the backend's own backward needs (the fast backends: the log-sum-exp over bins
 of the logits). A row whose logits are not all finite makes the histogram NaN. Nothing above
 this package knows which backend runs.
+
+A backend may also fuse the entropy of the histogram into its kernels (the `cuda` backend does,
+because at the paper's sizes each separate small op costs about as much as the whole histogram):
+
+    entropy_forward(features, dictionary, similarity, estimator, tau, seed, row_offset, reduction)
+        -> (entropy () for "mean" or (C,) for "none", histogram, lse)
+    entropy_backward(grad_entropy, histogram, features, dictionary, lse, similarity, estimator,
+                     tau, seed, row_offset, reduction) -> grad_features
+
+Where it does not, fierce_ext/ops.py composes the pair from the two functions above and
+`entropy_bits` / `entropy_bits_backward` below, the formulas every backend follows.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from typing import NamedTuple
 
@@ -55,6 +67,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the backends compute and accumulate in for features of `dtype`: float64 stays
     float64, every other floating dtype computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# The paper's guard inside the logarithm: empty bins contribute 0 and get a finite gradient.
+ENTROPY_EPS = 1e-21
+
+
+def entropy_bits(histogram: torch.Tensor, reduction: str) -> torch.Tensor:
+    """H[h] = -sum_k p[h,k] log2(p[h,k] + eps) for each row of a (C, K) histogram, averaged over
+    the rows for reduction "mean" (a 0-d tensor), kept per row for "none". Differentiable."""
+    per_head = -(histogram * torch.log2(histogram + ENTROPY_EPS)).sum(dim=1)
+    return per_head.mean() if reduction == "mean" else per_head
+
+
+def entropy_bits_backward(grad_entropy: torch.Tensor, histogram: torch.Tensor,
+                          reduction: str) -> torch.Tensor:
+    """dL/dp (C, K) from dL/dH (a 0-d tensor for "mean", (C,) for "none"):
+
+        dH[h]/dp[h,k] = -(log2(p + eps) + p / ((p + eps) ln 2)),  times 1/C for "mean"."""
+    heads = histogram.shape[0]
+    weight = (grad_entropy / heads).expand(heads) if reduction == "mean" else grad_entropy
+    shifted = histogram + ENTROPY_EPS
+    slope = torch.log2(shifted).add_(histogram / shifted, alpha=1 / math.log(2))
+    return slope.mul_(weight.to(slope.dtype).neg()[:, None])
 
 
 class BackendStatus(NamedTuple):
