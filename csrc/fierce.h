@@ -51,15 +51,28 @@ struct ForwardParams : Problem {
   // block of the forward kernel to finish reduces the partials and leaves the counter at 0 for
   // the next launch on the same stream. nullptr: a separate reduce kernel does it.
   unsigned* done_count;
+  // The entropy of the histogram (bits), out: (C,) acc, or one value, their mean over heads, when
+  // entropy_mean; nullptr: the histogram only. Fused into the reduction's end.
+  void* entropy;
+  bool entropy_mean;
 };
 
 struct BackwardParams : Problem {
-  const void* grad_histogram;  // (C, K) acc
+  const void* grad_histogram;  // dL/dp (C, K) acc; nullptr when grad_entropy is set
+  // Or dL/dH of the entropy: (C,) acc, or one value when entropy_mean. A first kernel then turns
+  // it into dL/dp (C, K) in grad_workspace, from the histogram saved by the forward.
+  const void* grad_entropy;
+  const void* histogram;       // (C, K) acc
+  void* grad_workspace;        // (C, K) acc
+  bool entropy_mean;
   const void* lse;             // (B, C) acc, saved by the forward
   void* expected;              // (B, C) acc workspace: sum_k y G, used when K > kTileBins
   void* accumulator;           // (padded_rows, padded_dim) acc workspace for sum delta v
   void* grad_features;         // (B, D) features dtype, out
 };
+
+// The paper's guard inside the entropy's logarithm (fierce_ext.backends.ENTROPY_EPS).
+constexpr double kEntropyEps = 1e-21;
 
 // Tile sizes the host needs for workspace shapes.
 constexpr int kTileRows = 32;     // rows of features per block

@@ -16,9 +16,12 @@
 //   forward:  forward_kernel   one block per (row-tile group, head): running max / argmax /
 //                              log-sum-exp over the bin tiles (a second sweep for the soft
 //                              estimators when K > kTileBins), a partial histogram per block;
-//                              for tiny problems its last block also does reduce_kernel's work
+//                              for tiny problems its last block also does the two kernels below
 //             reduce_kernel    sums the partials in a fixed order, divides by B, poisons
-//   backward: expected_kernel  sum_k y G per (row, head), only when K > kTileBins
+//             entropy_kernel   H[h] = -sum_k p log2(p + eps) (or its mean), when asked for
+//   backward: entropy_grad_kernel  G = dL/dp from dL/dH (only when the entropy's gradient comes in):
+//                              G[h,k] = -w[h] (log2(p + eps) + p / ((p + eps) ln 2))
+//             expected_kernel  sum_k y G per (row, head), only when K > kTileBins
 //             gradient_kernel  one block per row tile: delta tile by tile, fused with the
 //                              delta . vt GEMM into a float accumulator that the block owns
 //
@@ -149,6 +152,8 @@ __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
 __device__ __forceinline__ float log_(float x) { return logf(x); }
 __device__ __forceinline__ double log_(double x) { return log(x); }
+__device__ __forceinline__ float log2_(float x) { return log2f(x); }
+__device__ __forceinline__ double log2_(double x) { return log2(x); }
 __device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
 template <typename T> __device__ __forceinline__ T infinity() { return static_cast<T>(INFINITY); }
@@ -422,11 +427,49 @@ __device__ __forceinline__ int any_flag(const int* __restrict__ flags, int count
   return __syncthreads_or(flag);
 }
 
+// The sum of every thread's `value`, in every thread: a tree over the block's threads in a fixed
+// order (blockDim.x a power of two), through `scratch` (blockDim.x values of shared memory).
+// Every thread of the block must call it.
+template <typename Acc>
+__device__ Acc block_sum(Acc value, Acc* scratch) {
+  scratch[threadIdx.x] = value;
+  __syncthreads();
+  for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) scratch[threadIdx.x] += scratch[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const Acc total = scratch[0];
+  __syncthreads();  // the next call may overwrite scratch[0]
+  return total;
+}
+
+// The entropy in bits of each head of the (C, K) histogram, H[h] = -sum_k p log2(p + eps), into
+// entropy[h], or their mean into entropy[0]; NaN bins give NaN. Run by one block, which must be
+// able to read the whole histogram; every thread must call it.
+template <typename Acc>
+__device__ void write_entropy(const Acc* histogram, int heads, int bins, bool mean, Acc* entropy,
+                              Acc* scratch) {
+  const Acc eps = static_cast<Acc>(kEntropyEps);
+  Acc total = Acc(0);
+  for (int h = 0; h < heads; ++h) {
+    Acc part = Acc(0);
+    for (int k = threadIdx.x; k < bins; k += blockDim.x) {
+      const Acc p = histogram[static_cast<int64_t>(h) * bins + k];
+      part += p * log2_(p + eps);
+    }
+    const Acc value = -block_sum(part, scratch);
+    total += value;
+    if (!mean && threadIdx.x == 0) entropy[h] = value;
+  }
+  if (mean && threadIdx.x == 0) entropy[0] = total / static_cast<Acc>(heads);
+}
+
 // The one-launch forward's end: each block publishes its partial rows and flag, then takes a
-// ticket; the block with the last ticket sums every partial into the histogram. atomicInc wraps
-// the counter to 0 at the last ticket, so it is 0 again for the next launch on the stream.
+// ticket; the block with the last ticket sums every partial into the histogram (and its entropy,
+// when asked for, through `scratch`: kThreads values of shared memory). atomicInc wraps the
+// counter to 0 at the last ticket, so it is 0 again for the next launch on the stream.
 template <typename Acc, typename Partial>
-__device__ void reduce_in_last_block(const ForwardParams& p) {
+__device__ void reduce_in_last_block(const ForwardParams& p, Acc* scratch) {
   __threadfence();  // this thread's partial and flag writes are visible device-wide before...
   __syncthreads();
   unsigned ticket = 0;
@@ -440,6 +483,11 @@ __device__ void reduce_in_last_block(const ForwardParams& p) {
   Acc* histogram = static_cast<Acc*>(p.histogram);
   for (int64_t idx = threadIdx.x; idx < entries; idx += blockDim.x) {
     histogram[idx] = histogram_entry<Acc>(partials, idx, groups, entries, p.rows, poisoned);
+  }
+  if (p.entropy != nullptr) {
+    __syncthreads();  // the block's histogram writes are visible to the whole block
+    write_entropy(histogram, p.heads, p.bins, p.entropy_mean, static_cast<Acc*>(p.entropy),
+                  scratch);
   }
 }
 
@@ -568,7 +616,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(ForwardParams p) {
   }
   const int any_poisoned = __syncthreads_or(poisoned);
   if (tid == 0) p.flags[group * C + h] = any_poisoned;
-  if (p.done_count != nullptr) reduce_in_last_block<Acc, Partial>(p);
+  if (p.done_count != nullptr) reduce_in_last_block<Acc, Partial>(p, Cs);  // Cs: >= kThreads values
 }
 
 // histogram[h][k] = (sum over groups p, in order, of partial[p][h][k]) / B, or NaN everywhere when
@@ -586,7 +634,31 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const Partial* __restr
   }
 }
 
+// The entropy of the reduced histogram (two-launch path): one block.
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads) entropy_kernel(const Acc* __restrict__ histogram,
+                                                           Acc* __restrict__ entropy, int heads,
+                                                           int bins, bool mean) {
+  FIERCE_DYNAMIC_SHARED(smem);  // kThreads values
+  write_entropy(histogram, heads, bins, mean, entropy, reinterpret_cast<Acc*>(smem));
+}
+
 // ---------------------------------------------------------------------------- backward
+
+// G[h][k] = dL/dp from dL/dH: -w[h] (log2(p + eps) + p / ((p + eps) ln 2)), with w[h] = dL/dH[h],
+// or dL/dH / C for all heads when the entropy was their mean (backends.entropy_bits_backward).
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads) entropy_grad_kernel(
+    const Acc* __restrict__ grad_entropy, const Acc* __restrict__ histogram, Acc* __restrict__ grad,
+    int heads, int bins, bool mean) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<int64_t>(heads) * bins) return;
+  const Acc weight = mean ? grad_entropy[0] / static_cast<Acc>(heads) : grad_entropy[idx / bins];
+  const Acc p = histogram[idx];
+  const Acc shifted = p + static_cast<Acc>(kEntropyEps);
+  const Acc inv_ln2 = static_cast<Acc>(1.4426950408889634);  // 1 / ln 2
+  grad[idx] = (log2_(shifted) + inv_ln2 * (p / shifted)) * -weight;
+}
 
 // expected[b][h] = sum_k y[b,h,k] G[h,k], with y from the saved log-sum-exp. Needed before delta
 // when the bins span several tiles; one block per (row tile, head).
@@ -863,7 +935,7 @@ cudaError_t forward_impl(const ForwardParams& p, cudaStream_t stream) {
   if (error != cudaSuccess) return error;
   FIERCE_LAUNCH(kernel, p.blocks_per_head * p.heads, kThreads, bytes, stream, p);
   error = cudaGetLastError();
-  if (error != cudaSuccess || p.done_count != nullptr) return error;  // one launch: reduced
+  if (error != cudaSuccess || p.done_count != nullptr) return error;  // one launch: all done
   const int64_t entries = static_cast<int64_t>(p.heads) * p.bins;
   const unsigned grid = static_cast<unsigned>((entries + kThreads - 1) / kThreads);
   Acc* histogram = static_cast<Acc*>(p.histogram);
@@ -878,14 +950,31 @@ cudaError_t forward_impl(const ForwardParams& p, cudaStream_t stream) {
                   static_cast<const Acc*>(p.partials), static_cast<const int*>(p.flags), histogram,
                   p.blocks_per_head, p.heads, p.bins, p.rows);
   }
+  if (p.entropy == nullptr) return cudaGetLastError();
+  error = cudaGetLastError();
+  if (error != cudaSuccess) return error;
+  FIERCE_LAUNCH(entropy_kernel<Acc>, 1, kThreads, kThreads * sizeof(Acc), stream, histogram,
+                static_cast<Acc*>(p.entropy), p.heads, p.bins, p.entropy_mean);
   return cudaGetLastError();
 }
 
 template <GemmMode M>
-cudaError_t backward_impl(const BackwardParams& p, cudaStream_t stream) {
+cudaError_t backward_impl(const BackwardParams& params, cudaStream_t stream) {
+  using Acc = typename Traits<M>::Acc;
   const size_t bytes = Layout<M>::backward_bytes;
-  const int64_t tiles = (p.rows + BM - 1) / BM;
+  const int64_t tiles = (params.rows + BM - 1) / BM;
   cudaError_t error;
+  BackwardParams p = params;
+  if (p.grad_entropy != nullptr) {  // dL/dH in: form dL/dp first
+    const int64_t entries = static_cast<int64_t>(p.heads) * p.bins;
+    FIERCE_LAUNCH(entropy_grad_kernel<Acc>, static_cast<unsigned>((entries + kThreads - 1) / kThreads),
+                  kThreads, 0, stream, static_cast<const Acc*>(p.grad_entropy),
+                  static_cast<const Acc*>(p.histogram), static_cast<Acc*>(p.grad_workspace),
+                  p.heads, p.bins, p.entropy_mean);
+    error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+    p.grad_histogram = p.grad_workspace;
+  }
   if (p.bins > BN) {
     error = allow_shared(expected_kernel<M>, bytes);
     if (error != cudaSuccess) return error;

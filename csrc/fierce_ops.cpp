@@ -5,7 +5,16 @@
 //   fierce_ext::cuda_histogram_backward(grad_histogram, features, vt, bias, lse, similarity,
 //                                       estimator, tau, seed, row_offset, allow_tf32)
 //                                       -> grad_features (B, D)
+//   fierce_ext::cuda_entropy_forward(features, vt, bias, similarity, estimator, tau, seed,
+//                                    row_offset, allow_tf32, mean)
+//                                    -> (entropy (() if mean else (C,)), histogram, lse)
+//   fierce_ext::cuda_entropy_backward(grad_entropy, histogram, features, vt, bias, lse,
+//                                     similarity, estimator, tau, seed, row_offset, allow_tf32,
+//                                     mean) -> grad_features (B, D)
 //
+// The entropy ops fuse the histogram's entropy (bits, fierce_ext.backends.entropy_bits) into the
+// forward's reduction and its derivative into the backward, so that a training step at the paper's
+// sizes runs one kernel forward and two backward instead of a dozen small torch ops more.
 // `vt` is the dictionary already projected for the similarity (dictionary.project_dictionary)
 // and laid out bins-major, (C, K, D), in the features' dtype; `bias` is the projected bias (C, K)
 // in the compute dtype or None. fierce_ext/backends/cuda.py prepares both (and caches them) and
@@ -186,10 +195,12 @@ Problem problem_of(const at::Tensor& r, const at::Tensor& v, const at::Tensor& c
   return problem;
 }
 
-std::tuple<at::Tensor, at::Tensor> histogram_forward(
+// The forward of both op pairs: the histogram and lse, and into `entropy` (when defined) the
+// entropy, its mean over heads when entropy_mean.
+std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& features, const at::Tensor& vt, const std::optional<at::Tensor>& bias,
     std::string_view similarity, std::string_view estimator, double tau, int64_t seed,
-    int64_t row_offset, bool allow_tf32) {
+    int64_t row_offset, bool allow_tf32, const at::Tensor& entropy, bool entropy_mean) {
   const bool cosine = parse_cosine(similarity);
   const int estimator_id = parse_estimator(estimator);
   const int device = check_common(features, vt, bias, tau, seed, row_offset);
@@ -219,15 +230,41 @@ std::tuple<at::Tensor, at::Tensor> histogram_forward(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   params.done_count = one_launch_forward(groups, heads, bins) && !capturing(stream)
       ? done_counter(device, stream) : nullptr;
+  params.entropy = entropy.defined() ? entropy.data_ptr() : nullptr;
+  params.entropy_mean = entropy_mean;
   check_cuda(launch_histogram_forward(mode, params, stream), "the histogram forward launch");
   return {histogram, lse};
 }
 
-at::Tensor histogram_backward(const at::Tensor& grad_histogram, const at::Tensor& features,
-                              const at::Tensor& vt, const std::optional<at::Tensor>& bias,
-                              const at::Tensor& lse, std::string_view similarity,
-                              std::string_view estimator, double tau, int64_t seed,
-                              int64_t row_offset, bool allow_tf32) {
+std::tuple<at::Tensor, at::Tensor> histogram_forward(
+    const at::Tensor& features, const at::Tensor& vt, const std::optional<at::Tensor>& bias,
+    std::string_view similarity, std::string_view estimator, double tau, int64_t seed,
+    int64_t row_offset, bool allow_tf32) {
+  return forward(features, vt, bias, similarity, estimator, tau, seed, row_offset, allow_tf32,
+                 at::Tensor(), false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_forward(
+    const at::Tensor& features, const at::Tensor& vt, const std::optional<at::Tensor>& bias,
+    std::string_view similarity, std::string_view estimator, double tau, int64_t seed,
+    int64_t row_offset, bool allow_tf32, bool mean) {
+  TORCH_CHECK(vt.dim() == 3, "vt (the projected dictionary, heads x bins x dim) must be 3-D, got "
+              "shape ", vt.sizes());
+  const auto acc = features.options().dtype(compute_dtype(features.scalar_type()));
+  at::Tensor entropy = mean ? at::empty({}, acc) : at::empty({vt.size(0)}, acc);
+  auto [histogram, lse] = forward(features, vt, bias, similarity, estimator, tau, seed,
+                                  row_offset, allow_tf32, entropy, mean);
+  return {entropy, histogram, lse};
+}
+
+// The backward of both op pairs. dL/dp comes in as grad_histogram (C, K), or as dL/dH
+// grad_entropy (() when entropy_mean, else (C,)) with the forward's histogram (C, K).
+at::Tensor backward(const at::Tensor& grad_histogram, const at::Tensor& grad_entropy,
+                    const at::Tensor& histogram, const at::Tensor& features,
+                    const at::Tensor& vt, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& lse, std::string_view similarity,
+                    std::string_view estimator, double tau, int64_t seed, int64_t row_offset,
+                    bool allow_tf32, bool entropy_mean) {
   const bool cosine = parse_cosine(similarity);
   const int estimator_id = parse_estimator(estimator);
   const int device = check_common(features, vt, bias, tau, seed, row_offset);
@@ -236,11 +273,22 @@ at::Tensor histogram_backward(const at::Tensor& grad_histogram, const at::Tensor
   const int64_t rows = features.size(0), dim = features.size(1);
   const int64_t heads = vt.size(0), bins = vt.size(1);
   const at::ScalarType acc_type = compute_dtype(features.scalar_type());
-  TORCH_CHECK(grad_histogram.dim() == 2 && grad_histogram.size(0) == heads &&
-              grad_histogram.size(1) == bins, "grad_histogram must have shape (heads, bins) = (",
-              heads, ", ", bins, "), got ", grad_histogram.sizes());
-  TORCH_CHECK(grad_histogram.device() == features.device(), "grad_histogram is on ",
-              grad_histogram.device(), " but features are on ", features.device());
+  const bool from_entropy = grad_entropy.defined();
+  const at::Tensor& grad_in = from_entropy ? histogram : grad_histogram;
+  const char* grad_name = from_entropy ? "histogram" : "grad_histogram";
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == heads && grad_in.size(1) == bins,
+              grad_name, " must have shape (heads, bins) = (", heads, ", ", bins, "), got ",
+              grad_in.sizes());
+  TORCH_CHECK(grad_in.device() == features.device(), grad_name, " is on ", grad_in.device(),
+              " but features are on ", features.device());
+  if (from_entropy) {
+    TORCH_CHECK(entropy_mean ? grad_entropy.dim() == 0
+                             : grad_entropy.dim() == 1 && grad_entropy.size(0) == heads,
+                "grad_entropy must have shape ", entropy_mean ? "() (mean over heads)" : "(heads,)",
+                " with heads = ", heads, ", got ", grad_entropy.sizes());
+    TORCH_CHECK(grad_entropy.device() == features.device(), "grad_entropy is on ",
+                grad_entropy.device(), " but features are on ", features.device());
+  }
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == rows && lse.size(1) == heads,
               "lse must have shape (rows, heads) = (", rows, ", ", heads, "), got ", lse.sizes());
   TORCH_CHECK(lse.device() == features.device(), "lse is on ", lse.device(),
@@ -252,7 +300,8 @@ at::Tensor histogram_backward(const at::Tensor& grad_histogram, const at::Tensor
   const at::Tensor r = features.contiguous();
   const at::Tensor v = vt.contiguous();
   const at::Tensor c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const at::Tensor g = grad_histogram.to(acc_type).contiguous();
+  const at::Tensor g = grad_in.to(acc_type).contiguous();  // dL/dp, or p for the entropy's
+  const at::Tensor ge = from_entropy ? grad_entropy.to(acc_type).contiguous() : at::Tensor();
   const at::Tensor l = lse.contiguous();
   const auto acc = r.options().dtype(acc_type);
   at::Tensor grad_features = at::empty({rows, dim}, r.options());
@@ -261,7 +310,15 @@ at::Tensor histogram_backward(const at::Tensor& grad_histogram, const at::Tensor
 
   BackwardParams params{};
   static_cast<Problem&>(params) = problem_of(r, v, c, cosine, estimator_id, tau, seed, row_offset);
-  params.grad_histogram = g.data_ptr();
+  const at::Tensor workspace = from_entropy ? at::empty({heads, bins}, acc) : at::Tensor();
+  if (from_entropy) {
+    params.grad_entropy = ge.data_ptr();
+    params.histogram = g.data_ptr();
+    params.grad_workspace = workspace.data_ptr();
+    params.entropy_mean = entropy_mean;
+  } else {
+    params.grad_histogram = g.data_ptr();
+  }
   params.lse = l.data_ptr();
   params.expected = expected.defined() ? expected.data_ptr() : nullptr;
   params.accumulator = accumulator.data_ptr();
@@ -269,6 +326,24 @@ at::Tensor histogram_backward(const at::Tensor& grad_histogram, const at::Tensor
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   check_cuda(launch_histogram_backward(mode, params, stream), "the histogram backward launch");
   return grad_features;
+}
+
+at::Tensor histogram_backward(const at::Tensor& grad_histogram, const at::Tensor& features,
+                              const at::Tensor& vt, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& lse, std::string_view similarity,
+                              std::string_view estimator, double tau, int64_t seed,
+                              int64_t row_offset, bool allow_tf32) {
+  return backward(grad_histogram, at::Tensor(), at::Tensor(), features, vt, bias, lse, similarity,
+                  estimator, tau, seed, row_offset, allow_tf32, false);
+}
+
+at::Tensor entropy_backward(const at::Tensor& grad_entropy, const at::Tensor& histogram,
+                            const at::Tensor& features, const at::Tensor& vt,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+                            std::string_view similarity, std::string_view estimator, double tau,
+                            int64_t seed, int64_t row_offset, bool allow_tf32, bool mean) {
+  return backward(at::Tensor(), grad_entropy, histogram, features, vt, bias, lse, similarity,
+                  estimator, tau, seed, row_offset, allow_tf32, mean);
 }
 
 }  // namespace
@@ -282,9 +357,17 @@ TORCH_LIBRARY_FRAGMENT(fierce_ext, m) {
   m.def("cuda_histogram_backward(Tensor grad_histogram, Tensor features, Tensor vt, Tensor? bias, "
         "Tensor lse, str similarity, str estimator, float tau, int seed, int row_offset, "
         "bool allow_tf32) -> Tensor");
+  m.def("cuda_entropy_forward(Tensor features, Tensor vt, Tensor? bias, str similarity, "
+        "str estimator, float tau, int seed, int row_offset, bool allow_tf32, bool mean) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("cuda_entropy_backward(Tensor grad_entropy, Tensor histogram, Tensor features, Tensor vt, "
+        "Tensor? bias, Tensor lse, str similarity, str estimator, float tau, int seed, "
+        "int row_offset, bool allow_tf32, bool mean) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fierce_ext, CUDA, m) {
   m.impl("cuda_histogram_forward", &fierce::histogram_forward);
   m.impl("cuda_histogram_backward", &fierce::histogram_backward);
+  m.impl("cuda_entropy_forward", &fierce::entropy_forward);
+  m.impl("cuda_entropy_backward", &fierce::entropy_backward);
 }

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import importlib.util
 import os
 import pathlib
@@ -39,6 +40,7 @@ import pytest
 import torch
 
 import fierce_ext
+from fierce_ext import backends
 from fierce_ext.backends import chunked
 from fierce_ext.backends import cuda as cuda_backend
 from fierce_ext.noise import gumbel_noise, random_words
@@ -53,7 +55,13 @@ FORWARD_SCHEMA = ("fierce_ext::cuda_histogram_forward(Tensor features, Tensor vt
 BACKWARD_SCHEMA = ("fierce_ext::cuda_histogram_backward(Tensor grad_histogram, Tensor features, "
                    "Tensor vt, Tensor? bias, Tensor lse, str similarity, str estimator, "
                    "float tau, int seed, int row_offset, bool allow_tf32) -> Tensor")
-
+ENTROPY_FORWARD_SCHEMA = ("fierce_ext::cuda_entropy_forward(Tensor features, Tensor vt, "
+                          "Tensor? bias, str similarity, str estimator, float tau, int seed, "
+                          "int row_offset, bool allow_tf32, bool mean) -> (Tensor, Tensor, Tensor)")
+ENTROPY_BACKWARD_SCHEMA = ("fierce_ext::cuda_entropy_backward(Tensor grad_entropy, "
+                           "Tensor histogram, Tensor features, Tensor vt, Tensor? bias, "
+                           "Tensor lse, str similarity, str estimator, float tau, int seed, "
+                           "int row_offset, bool allow_tf32, bool mean) -> Tensor")
 NOISE_SCHEMA = "fierce_ext::philox_uniform_(Tensor(a!) out, int seed, int row_offset) -> ()"
 
 
@@ -78,9 +86,14 @@ def test_extension_imports_and_registers_its_ops():
     assert extension.__name__ == "fierce_ext._C"
     assert str(torch.ops.fierce_ext.cuda_histogram_forward.default._schema) == FORWARD_SCHEMA
     assert str(torch.ops.fierce_ext.cuda_histogram_backward.default._schema) == BACKWARD_SCHEMA
+    assert (str(torch.ops.fierce_ext.cuda_entropy_forward.default._schema)
+            == ENTROPY_FORWARD_SCHEMA)
+    assert (str(torch.ops.fierce_ext.cuda_entropy_backward.default._schema)
+            == ENTROPY_BACKWARD_SCHEMA)
     assert str(torch.ops.fierce_ext.philox_uniform_.default._schema) == NOISE_SCHEMA  # CPU op
     # The ops name the module holding their fakes, so torch can import it on demand.
-    for name in ("cuda_histogram_forward", "cuda_histogram_backward"):
+    for name in ("cuda_histogram_forward", "cuda_histogram_backward", "cuda_entropy_forward",
+                 "cuda_entropy_backward"):
         stub = torch._C._dispatch_pystub(f"fierce_ext::{name}", "")
         assert stub is not None and stub[0] == "fierce_ext.backends.cuda", stub
 
@@ -120,10 +133,19 @@ def test_fake_implementations_give_shapes_and_dtypes(dtype):
         grad = torch.ops.fierce_ext.cuda_histogram_backward(
             histogram, features.t().contiguous().t(), vt, bias, lse, "distance", "gumbel_soft",
             0.5, 7, 2, True)
+        entropies = [torch.ops.fierce_ext.cuda_entropy_forward(
+            features, vt, bias, "distance", "gumbel_soft", 0.5, 7, 2, True, mean)[0]
+            for mean in (True, False)]
+        entropy_grad = torch.ops.fierce_ext.cuda_entropy_backward(
+            entropies[0], histogram, features.t().contiguous().t(), vt, bias, lse, "distance",
+            "gumbel_soft", 0.5, 7, 2, True, True)
     assert (histogram.shape, histogram.dtype) == ((3, 130), compute)
     assert (lse.shape, lse.dtype) == ((37, 3), compute)
     assert (grad.shape, grad.dtype) == ((37, 11), dtype)
     assert grad.is_contiguous()  # the kernel writes a contiguous gradient whatever the input
+    assert [(e.shape, e.dtype) for e in entropies] == [((), compute), ((3,), compute)]
+    assert (entropy_grad.shape, entropy_grad.dtype) == ((37, 11), dtype)
+    assert entropy_grad.is_contiguous()
 
 
 def test_fake_implementations_trace_into_a_graph():
@@ -192,9 +214,9 @@ def emu():
     p, i, i64, f64, u64 = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double,
                            ctypes.c_uint64)
     lib.fierce_emu_forward.argtypes = [i, p, p, p, p, p, p, p, i64, i, i, i, i, i, i, f64, u64, u64,
-                                       p]
+                                       p, p, i]
     lib.fierce_emu_backward.argtypes = [i, p, p, p, p, p, p, p, p, i64, i, i, i, i, i, f64, u64,
-                                        u64]
+                                        u64, p, p, p, i]
     lib.fierce_emu_philox.argtypes = [u64, u64, p]
     lib.fierce_emu_one_launch_forward.argtypes = [i64, i64, i64]
     return lib
@@ -214,10 +236,11 @@ def _launch_inputs(mode, features, dictionary, similarity):
 
 
 def emulated_forward(lib, mode, features, dictionary, similarity, estimator, tau, seed,
-                     row_offset, groups=2, one_launch=False):
+                     row_offset, groups=2, one_launch=False, reduction=None):
     """The kernels' (histogram, lse), with workspaces full of garbage (the kernels must not
     assume zeros). `one_launch`: the forward kernel's last block reduces (no reduce kernel),
-    with a zeroed counter that it must leave at zero."""
+    with a zeroed counter that it must leave at zero. `reduction` ("mean" or "none"): also the
+    fused entropy, returned first."""
     mode_id, dtype, compute, features, vt, bias = _launch_inputs(mode, features, dictionary,
                                                                  similarity)
     rows, dim = features.shape
@@ -229,19 +252,23 @@ def emulated_forward(lib, mode, features, dictionary, similarity, estimator, tau
     partials = torch.full((groups, heads, bins), 999, dtype=partial_dtype)
     flags = torch.full((groups, heads), 5, dtype=torch.int32)
     counter = torch.zeros(1, dtype=torch.int32) if one_launch else None
+    entropy = (None if reduction is None else
+               torch.full(() if reduction == "mean" else (heads,), 55.0, dtype=compute))
     error = lib.fierce_emu_forward(
         mode_id, _ptr(features), _ptr(vt), _ptr(bias), _ptr(histogram), _ptr(lse),
         _ptr(partials), _ptr(flags), rows, dim, heads, bins, groups,
         int(similarity == "cosine"), ESTIMATOR_IDS[estimator], tau, seed, row_offset,
-        _ptr(counter))
+        _ptr(counter), _ptr(entropy), int(reduction == "mean"))
     assert error == 0, f"emulated forward launch failed ({error})"
     if one_launch:
         assert counter.item() == 0, "the one-launch forward must leave its counter at 0"
-    return histogram, lse
+    return (histogram, lse) if reduction is None else (entropy, histogram, lse)
 
 
 def emulated_backward(lib, mode, grad_histogram, features, dictionary, lse, similarity,
-                      estimator, tau, seed, row_offset):
+                      estimator, tau, seed, row_offset, entropy_of=None):
+    """The kernels' gradient for dL/dp = grad_histogram, or, with `entropy_of` = (histogram,
+    reduction), for dL/dH = grad_histogram of the fused entropy."""
     mode_id, dtype, compute, features, vt, bias = _launch_inputs(mode, features, dictionary,
                                                                  similarity)
     rows, dim = features.shape
@@ -251,11 +278,18 @@ def emulated_backward(lib, mode, grad_histogram, features, dictionary, lse, simi
     accumulator = torch.full((-(-rows // TILE_ROWS) * TILE_ROWS, -(-dim // TILE_DIM) * TILE_DIM),
                              nan, dtype=compute)
     grad = torch.full((rows, dim), nan, dtype=dtype)
+    grad_in = grad_histogram.to(compute).contiguous()
+    grad_entropy = histogram = workspace = None
+    mean = False
+    if entropy_of is not None:
+        (histogram, reduction), grad_entropy, grad_in = entropy_of, grad_in, None
+        histogram, mean = histogram.to(compute).contiguous(), reduction == "mean"
+        workspace = torch.full((heads, bins), nan, dtype=compute)
     error = lib.fierce_emu_backward(
-        mode_id, _ptr(grad_histogram.to(compute).contiguous()), _ptr(features), _ptr(vt),
+        mode_id, _ptr(grad_in), _ptr(features), _ptr(vt),
         _ptr(bias), _ptr(lse.contiguous()), _ptr(expected), _ptr(accumulator), _ptr(grad), rows,
         dim, heads, bins, int(similarity == "cosine"), ESTIMATOR_IDS[estimator], tau, seed,
-        row_offset)
+        row_offset, _ptr(grad_entropy), _ptr(histogram), _ptr(workspace), int(mean))
     assert error == 0, f"emulated backward launch failed ({error})"
     return grad
 
@@ -411,6 +445,57 @@ def test_emulated_one_launch_forward_gives_the_two_launch_bits(emu, mode, simila
     histogram, _ = emulated_forward(emu, mode, poisoned, dictionary, similarity, estimator, 0.8,
                                     31, 2, one_launch=True)
     assert torch.isnan(histogram).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("mode", ["tf32", "float64"])
+def test_emulated_fused_entropy_matches_the_entropy_formulas(emu, mode, similarity, estimator,
+                                                             reduction):
+    # Forward: the kernels' entropy of their own histogram is backends.entropy_bits of it, one
+    # launch or two, and asking for it leaves the histogram's bits alone. Backward: dL/dH turned
+    # into dL/dp in the kernels gives the gradient of dL/dp = entropy_bits_backward(dL/dH).
+    features, dictionary = _case(similarity, seed=8)
+    args = (emu, mode, features, dictionary, similarity, estimator, 0.9, 17, 1)
+    compute = MODES[mode][1] if mode == "float64" else torch.float32
+    eps = torch.finfo(compute).eps
+    plain_histogram, plain_lse = emulated_forward(*args)
+    for one_launch in (False, True):
+        entropy, histogram, lse = emulated_forward(*args, one_launch=one_launch,
+                                                   reduction=reduction)
+        assert torch.equal(histogram, plain_histogram) and torch.equal(lse, plain_lse)
+        expected = backends.entropy_bits(histogram, reduction)
+        assert entropy.shape == expected.shape and entropy.dtype == compute
+        bound = math.log2(dictionary.shape[2])
+        torch.testing.assert_close(entropy, expected, rtol=0, atol=64 * eps * bound)
+
+    generator = torch.Generator().manual_seed(2)
+    grad_entropy = (torch.randn(entropy.shape, generator=generator, dtype=torch.float64) + 2
+                    ).to(compute)
+    grad = emulated_backward(emu, mode, grad_entropy, features, dictionary, lse, similarity,
+                             estimator, 0.9, 17, 1, entropy_of=(histogram, reduction))
+    grad_histogram = backends.entropy_bits_backward(grad_entropy, histogram, reduction)
+    expected_grad = emulated_backward(emu, mode, grad_histogram, features, dictionary, lse,
+                                      similarity, estimator, 0.9, 17, 1)
+    scale = expected_grad.double().abs().max()
+    assert scale > 0 and torch.isfinite(grad).all()
+    # G differs from torch's by a few ulps of |G| <= 71 |dL/dH|; delta and the GEMM carry that.
+    assert (grad.double() - expected_grad.double()).abs().max() <= 1e3 * eps * scale
+
+
+def test_emulated_fused_entropy_of_a_poisoned_histogram_is_nan(emu):
+    features, dictionary = _case("cosine", seed=9)
+    features[5, 2] = float("nan")
+    for one_launch in (False, True):
+        entropy, histogram, lse = emulated_forward(emu, "float32", features, dictionary,
+                                                   "cosine", "gumbel_hard", 1.0, 3, 0,
+                                                   one_launch=one_launch, reduction="none")
+        assert torch.isnan(histogram).all() and torch.isnan(entropy).all()
+    grad = emulated_backward(emu, "float32", torch.ones(entropy.shape), features, dictionary,
+                             lse, "cosine", "gumbel_hard", 1.0, 3, 0,
+                             entropy_of=(histogram, "none"))
+    assert torch.isnan(grad).all()  # G is NaN in every bin, so every row's gradient is
 
 
 def test_emulated_one_launch_rule_covers_the_paper_shapes(emu):

@@ -3,7 +3,8 @@
 //   g++ -std=c++20 -O1 -DFIERCE_EMULATE -shared -fPIC -pthread emulated_ops.cpp -o libfierce_emu.so
 // and compares what the kernels compute with the torch backend, without a GPU.
 // All pointers are host memory; workspaces are the caller's (any contents), except the one-launch
-// counter `done_count` of the forward, which must be 0 (or nullptr for two launches).
+// counter `done_count` of the forward, which must be 0 (or nullptr for two launches). `entropy`
+// (forward) and `grad_entropy` (backward) select the fused entropy (nullptr: the histogram only).
 #include "../fierce_kernels.cu"
 
 namespace {
@@ -43,7 +44,7 @@ int fierce_emu_forward(int mode, const void* features, const void* vt, const voi
                        void* histogram, void* lse, void* partials, int* flags, int64_t rows,
                        int dim, int heads, int bins, int blocks_per_head, int cosine,
                        int estimator, double tau, uint64_t seed, uint64_t row_offset,
-                       unsigned* done_count) {
+                       unsigned* done_count, void* entropy, int entropy_mean) {
   fierce::ForwardParams params{};
   static_cast<fierce::Problem&>(params) = emulated_problem(
       features, vt, bias, rows, dim, heads, bins, cosine, estimator, tau, seed, row_offset);
@@ -53,6 +54,8 @@ int fierce_emu_forward(int mode, const void* features, const void* vt, const voi
   params.flags = flags;
   params.blocks_per_head = blocks_per_head;
   params.done_count = done_count;  // nullptr: forward and reduce kernels
+  params.entropy = entropy;        // nullptr: the histogram only
+  params.entropy_mean = entropy_mean != 0;
   return static_cast<int>(
       fierce::launch_histogram_forward(static_cast<fierce::GemmMode>(mode), params, nullptr));
 }
@@ -61,11 +64,16 @@ int fierce_emu_backward(int mode, const void* grad_histogram, const void* featur
                         const void* vt, const void* bias, const void* lse, void* expected,
                         void* accumulator, void* grad_features, int64_t rows, int dim, int heads,
                         int bins, int cosine, int estimator, double tau, uint64_t seed,
-                        uint64_t row_offset) {
+                        uint64_t row_offset, const void* grad_entropy, const void* histogram,
+                        void* grad_workspace, int entropy_mean) {
   fierce::BackwardParams params{};
   static_cast<fierce::Problem&>(params) = emulated_problem(
       features, vt, bias, rows, dim, heads, bins, cosine, estimator, tau, seed, row_offset);
-  params.grad_histogram = grad_histogram;
+  params.grad_histogram = grad_histogram;  // nullptr when grad_entropy is given
+  params.grad_entropy = grad_entropy;
+  params.histogram = histogram;
+  params.grad_workspace = grad_workspace;
+  params.entropy_mean = entropy_mean != 0;
   params.lse = lse;
   params.expected = expected;
   params.accumulator = accumulator;

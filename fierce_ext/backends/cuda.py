@@ -1,12 +1,19 @@
 """The `cuda` backend: the compiled extension `fierce_ext._C` (csrc/), fused CUDA kernels.
 
-The extension registers two ops (CUDA kernels only):
+The extension registers four ops (CUDA kernels only):
 
     torch.ops.fierce_ext.cuda_histogram_forward(features, vt, bias, similarity, estimator, tau,
                                                 seed, row_offset, allow_tf32) -> (histogram, lse)
     torch.ops.fierce_ext.cuda_histogram_backward(grad_histogram, features, vt, bias, lse,
                                                  similarity, estimator, tau, seed, row_offset,
                                                  allow_tf32) -> grad_features
+    torch.ops.fierce_ext.cuda_entropy_forward(..., allow_tf32, mean) -> (entropy, histogram, lse)
+    torch.ops.fierce_ext.cuda_entropy_backward(grad_entropy, histogram, features, ..., allow_tf32,
+                                               mean) -> grad_features
+
+The entropy pair fuses the histogram's entropy into the forward's last kernel (for tiny problems
+the whole forward is then one launch) and its derivative into the backward (one small kernel
+before the gradient kernel), so `fierce_ext.entropy` adds no torch ops of its own.
 
 This module adapts them to the backend interface: it projects the dictionary once per
 (dictionary, version, similarity, dtype) (vt = v laid out bins-major (C, K, D) in the features'
@@ -42,7 +49,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _fakes_lock = threading.Lock()
 _fakes_registered = False
-_OPS = ("cuda_histogram_forward", "cuda_histogram_backward")
+_OPS = ("cuda_histogram_forward", "cuda_histogram_backward", "cuda_entropy_forward",
+        "cuda_entropy_backward")
 
 
 def _load() -> str | None:
@@ -81,6 +89,18 @@ def _register_fakes_once() -> None:
     def _backward_fake(grad_histogram, features, vt, bias, lse, similarity, estimator, tau, seed,
                        row_offset, allow_tf32):
         return features.new_empty(features.shape)  # contiguous, like the kernel's output
+
+    @torch.library.register_fake("fierce_ext::cuda_entropy_forward")
+    def _entropy_forward_fake(features, vt, bias, similarity, estimator, tau, seed, row_offset,
+                              allow_tf32, mean):
+        histogram, lse = _forward_fake(features, vt, bias, similarity, estimator, tau, seed,
+                                       row_offset, allow_tf32)
+        return histogram.new_empty(() if mean else (vt.shape[0],)), histogram, lse
+
+    @torch.library.register_fake("fierce_ext::cuda_entropy_backward")
+    def _entropy_backward_fake(grad_entropy, histogram, features, vt, bias, lse, similarity,
+                               estimator, tau, seed, row_offset, allow_tf32, mean):
+        return features.new_empty(features.shape)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -150,6 +170,30 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
         grad_histogram.to(compute).contiguous(), kernel_features, vt, bias,
         lse.to(compute).contiguous(), similarity, estimator, float(tau), int(seed),
         int(row_offset), allow_tf32())
+    return grad_features.to(dtype)
+
+
+def entropy_forward(features, dictionary, similarity, estimator, tau, seed, row_offset,
+                    reduction):
+    _require()
+    features = features.to(_kernel_dtype(features.dtype))
+    vt, bias = project(dictionary, similarity, features.dtype)
+    return torch.ops.fierce_ext.cuda_entropy_forward(
+        features.contiguous(), vt, bias, similarity, estimator, float(tau), int(seed),
+        int(row_offset), allow_tf32(), reduction == "mean")
+
+
+def entropy_backward(grad_entropy, histogram, features, dictionary, lse, similarity, estimator,
+                     tau, seed, row_offset, reduction):
+    _require()
+    dtype = features.dtype
+    kernel_features = features.to(_kernel_dtype(dtype)).contiguous()
+    compute = compute_dtype(kernel_features.dtype)
+    vt, bias = project(dictionary, similarity, kernel_features.dtype)
+    grad_features = torch.ops.fierce_ext.cuda_entropy_backward(
+        grad_entropy.to(compute).contiguous(), histogram.to(compute).contiguous(),
+        kernel_features, vt, bias, lse.to(compute).contiguous(), similarity, estimator,
+        float(tau), int(seed), int(row_offset), allow_tf32(), reduction == "mean")
     return grad_features.to(dtype)
 
 

@@ -360,3 +360,83 @@ def test_one_launch_forward_on_streams_and_in_graphs(precision, estimator):
                            near_ties("tf32", features, dictionary, "cosine", 1.0, 77, 0))
     else:
         assert (first[0] - expected).abs().max() <= MODES["tf32"][2][1]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("mode", ["bfloat16", "tf32", "float64"])
+@pytest.mark.parametrize("shape", [(256, 640, 1, 100), (300, 70, 3, 150), (9000, 64, 4, 256)],
+                         ids=["few-shot", "K150", "two-launch"])
+def test_fused_entropy_matches_the_entropy_of_its_histogram(precision, mode, estimator,
+                                                            reduction, shape):
+    # cuda_entropy_forward: the histogram of cuda_histogram_forward (same bits) and
+    # backends.entropy_bits of it; cuda_entropy_backward: the gradient of cuda_histogram_backward
+    # for dL/dp = entropy_bits_backward(dL/dH). One launch (few-shot), and two (the reduce and
+    # entropy kernels) where the partials are too many for one block.
+    dtype, fp32_precision, (_, _, grad_tol), _ = MODES[mode]
+    precision(fp32_precision)
+    features, dictionary = make_case(*shape, "cosine", seed=13, dtype=dtype)
+    args = (features, dictionary, "cosine", estimator, 0.8, 41, 3)
+    entropy, histogram, lse = cuda_backend.entropy_forward(*args, reduction)
+    plain_histogram, plain_lse = cuda_backend.histogram_forward(*args)
+    assert torch.equal(histogram, plain_histogram) and torch.equal(lse, plain_lse)
+    expected = fierce_ext.backends.entropy_bits(histogram, reduction)
+    eps = torch.finfo(histogram.dtype).eps
+    torch.testing.assert_close(entropy, expected, rtol=0, atol=64 * eps * math.log2(shape[3]))
+
+    grad_entropy = torch.rand(entropy.shape, device=DEVICE, dtype=entropy.dtype) + 0.5
+    grad = cuda_backend.entropy_backward(grad_entropy, histogram, *args[:2], lse, *args[2:],
+                                         reduction)
+    grad_histogram = fierce_ext.backends.entropy_bits_backward(grad_entropy, histogram, reduction)
+    expected_grad = cuda_backend.histogram_backward(grad_histogram, features, dictionary, lse,
+                                                    *args[2:])
+    assert grad.dtype == features.dtype and torch.isfinite(grad).all()
+    scale = expected_grad.double().abs().max()
+    assert scale > 0
+    assert (grad.double() - expected_grad.double()).abs().max() <= grad_tol * scale
+
+
+def test_fused_entropy_public_api_graphs_and_determinism(precision):
+    # fierce_ext.entropy on CUDA runs the fused ops: same value and gradient as the torch
+    # backend within tf32's tolerance, bitwise repeatable, and the same bits captured in a graph.
+    precision("tf32")
+    features, dictionary = make_case(256, 640, 1, 100, "cosine", seed=14)
+    features.requires_grad_(True)
+
+    def step():
+        value = fierce_ext.entropy(features, dictionary, seed=9, backend="cuda")
+        (grad,) = torch.autograd.grad(value, features)
+        return value, grad
+
+    value, grad = step()
+    again = step()
+    assert torch.equal(value, again[0]) and torch.equal(grad, again[1])
+    expected = fierce_ext.entropy(features, dictionary, seed=9, backend="torch")
+    (expected_grad,) = torch.autograd.grad(expected, features)
+    assert abs(value.item() - expected.item()) <= 2e-2 * max(1.0, expected.item())
+    assert ((grad - expected_grad).abs().max() <= 5e-2 * expected_grad.abs().max()).item()
+
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up off the default stream, as torch.cuda.graph expects
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], value) and torch.equal(captured[1], grad)
+
+
+def test_opcheck_fused_entropy_ops(precision):
+    precision("tf32")
+    features, dictionary = make_case(70, 12, 2, 40, "dot", seed=15)
+    vt, bias = cuda_backend.project(dictionary, "dot", features.dtype)
+    for mean in (True, False):
+        forward_args = (features, vt, bias, "dot", "gumbel_hard", 1.1, 6, 0, True, mean)
+        torch.library.opcheck(torch.ops.fierce_ext.cuda_entropy_forward.default, forward_args)
+        entropy, histogram, lse = torch.ops.fierce_ext.cuda_entropy_forward(*forward_args)
+        backward_args = (torch.rand_like(entropy), histogram, features, vt, bias, lse, "dot",
+                         "gumbel_hard", 1.1, 6, 0, True, mean)
+        torch.library.opcheck(torch.ops.fierce_ext.cuda_entropy_backward.default, backward_args)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import fierce_ext
-from fierce_ext.ops import histogram_backward_op, histogram_op
+from fierce_ext.ops import (entropy_backward_op, entropy_op, histogram_backward_op,
+                            histogram_op)
 from tiny_models import Net, eager_and_compiled_step
 
 BINS = 16
@@ -52,6 +53,13 @@ def test_opcheck_histogram_ops_on_cuda(gpu_backend, similarity, estimator, dtype
     torch.library.opcheck(histogram_backward_op,
                           (torch.randn_like(hist), features.detach(), dictionary, lse, seed,
                            similarity, estimator, 0.7, 3, gpu_backend))
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(entropy_op, (*args, reduction))
+        value, hist, lse = entropy_op(*args, reduction)
+        assert value.dtype == hist.dtype
+        torch.library.opcheck(entropy_backward_op,
+                              (torch.rand_like(value), hist, features.detach(), dictionary, lse,
+                               seed, similarity, estimator, 0.7, 3, gpu_backend, reduction))
 
 
 def test_compiled_training_step_matches_eager_on_cuda(gpu_backend):
