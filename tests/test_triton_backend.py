@@ -372,6 +372,48 @@ def test_minus_inf_logits_do_not_poison(tiles, estimator):
     torch.testing.assert_close(lse, want_lse, rtol=1e-14, atol=1e-14)
 
 
+# ------------------------------------------------------------------------ fused entropy
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_fused_entropy_matches_the_entropy_formulas(tiles, dtype, estimator, reduction):
+    # entropy_forward: the histogram of histogram_forward (same bits) and backends.entropy_bits
+    # of it; entropy_backward: histogram_backward's gradient for
+    # dL/dp = entropy_bits_backward(dL/dH). 16-bin tiles: the entropy kernels loop over tiles.
+    features, dictionary, _ = make_problem(45, 7, 3, 37, dtype=dtype, seed=3)
+    args = (features, dictionary, "cosine", estimator, 0.8, 99, 4)
+    entropy, histogram, lse = ft.entropy_forward(*args, reduction)
+    plain_histogram, plain_lse = ft.histogram_forward(*args)
+    assert torch.equal(histogram, plain_histogram) and torch.equal(lse, plain_lse)
+    eps = torch.finfo(histogram.dtype).eps
+    expected = fierce_ext.backends.entropy_bits(histogram, reduction)
+    assert entropy.shape == expected.shape and entropy.dtype == histogram.dtype
+    torch.testing.assert_close(entropy, expected, rtol=0, atol=64 * eps * math.log2(37))
+
+    gen = torch.Generator().manual_seed(8)
+    grad_entropy = (torch.rand(entropy.shape, generator=gen, dtype=torch.float64) + 0.5
+                    ).to(entropy.dtype).to(DEVICE)
+    grad = ft.entropy_backward(grad_entropy, histogram, features, dictionary, lse, *args[2:],
+                               reduction)
+    grad_histogram = fierce_ext.backends.entropy_bits_backward(grad_entropy, histogram, reduction)
+    expected_grad = ft.histogram_backward(grad_histogram, features, dictionary, lse, *args[2:])
+    scale = expected_grad.double().abs().max()
+    assert scale > 0 and torch.isfinite(grad).all()
+    assert (grad.double() - expected_grad.double()).abs().max() <= 1e3 * eps * scale
+
+
+def test_fused_entropy_of_a_poisoned_histogram_is_nan():
+    features, dictionary, _ = make_problem(20, 5, 2, 11, dtype=torch.float32, seed=4)
+    features[3, 1] = float("nan")
+    entropy, histogram, lse = ft.entropy_forward(features, dictionary, "dot", "gumbel_hard", 1.0,
+                                                 5, 0, "none")
+    assert torch.isnan(histogram).all() and torch.isnan(entropy).all()
+    grad = ft.entropy_backward(torch.ones_like(entropy), histogram, features, dictionary, lse,
+                               "dot", "gumbel_hard", 1.0, 5, 0, "none")
+    assert torch.isnan(grad).all()
+
+
 # ------------------------------------------------------------------ through the public API
 
 def test_public_api_autograd():

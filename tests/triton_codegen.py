@@ -152,11 +152,14 @@ def compile_case(shape, dtype, precision, similarity, estimator):
     features = torch.empty(rows, dim, dtype=DTYPES[dtype], device="meta")
     dictionary = torch.empty(heads, dim, bins, device="meta")
     fused_triton.FP32_PRECISION = precision
-    _, lse = fused_triton.histogram_forward(features, dictionary, similarity, estimator, 1.0,
-                                            12345, 0)
+    # The entropy pair launches the histogram kernels and the entropy kernels after them.
+    entropy, histogram, lse = fused_triton.entropy_forward(features, dictionary, similarity,
+                                                           estimator, 1.0, 12345, 0, "mean")
     grad = torch.empty(heads, bins, device="meta")
     fused_triton.histogram_backward(grad, features, dictionary, lse, similarity, estimator, 1.0,
                                     12345, 0)
+    fused_triton.entropy_backward(torch.empty_like(entropy), histogram, features, dictionary,
+                                  lse, similarity, estimator, 1.0, 12345, 0, "mean")
     if shape == "ragged" and dtype == "fp32":  # the debug launcher of the noise words
         fused_triton.noise_words(12345, rows, heads, bins, 0, device="meta")
 
@@ -167,8 +170,8 @@ def install_compile_only(arch: int) -> list:
     from triton.runtime.driver import driver
     driver.set_active(CompileOnlyDriver(arch))
     compiled: list = []
-    for name in ("_forward_kernel", "_reduce_kernel", "_softmax_kernel", "_grad_kernel",
-                 "noise_words_kernel"):
+    for name in ("_forward_kernel", "_reduce_kernel", "_entropy_kernel", "_softmax_kernel",
+                 "_grad_kernel", "_entropy_grad_kernel", "noise_words_kernel"):
         setattr(fused_triton, name, Recorder(getattr(fused_triton, name), compiled))
     fused_triton.unavailable_reason = lambda device: None  # meta tensors stand in for CUDA ones
     fused_triton._multiprocessors = lambda device: 132  # H100/H200 SXM

@@ -55,7 +55,7 @@ import torch
 
 from ..dictionary import NORM_EPS, derived, project_dictionary
 from ..noise import SEED_LIMIT
-from . import FP32_PRECISIONS, compute_dtype, fp32_precision
+from . import ENTROPY_EPS, FP32_PRECISIONS, compute_dtype, fp32_precision
 
 # Triton itself comes through triton_noise, which stays importable without it.
 from .triton_noise import IMPORT_ERROR as _IMPORT_ERROR
@@ -90,6 +90,8 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _NEG_INF = tl.constexpr(float("-inf"))
 _NO_BIN = tl.constexpr(2**30)  # larger than any bin index
 _NORM_EPS = tl.constexpr(NORM_EPS)
+_ENTROPY_EPS = tl.constexpr(ENTROPY_EPS)
+_INV_LN2 = tl.constexpr(1 / math.log(2))
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -251,7 +253,54 @@ def _reduce_kernel(part_ptr, bad_ptr, hist_ptr, B, num_partials, C, K,
     tl.store(hist_ptr + h * K + ks, column, mask=k_mask)
 
 
+@_jit()
+def _entropy_kernel(hist_ptr, out_ptr, C, K, ACC: tl.constexpr, MEAN: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """H[h] = -sum_k p log2(p + eps) of each head (backends.entropy_bits) into out[h], or their
+    mean into out[0]; one program, fixed order."""
+    total = tl.zeros((), ACC)
+    for h in range(0, C):
+        part = tl.zeros((BLOCK_K,), ACC)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            p = tl.load(hist_ptr + h * K + ks, mask=ks < K, other=0.0)
+            part += p * tl.log2(p + _ENTROPY_EPS)
+        value = -tl.sum(part, axis=0)
+        total += value
+        if not MEAN:
+            tl.store(out_ptr + h, value)
+    if MEAN:
+        tl.store(out_ptr, total / C)
+
+
 # --------------------------------------------------------------------------------- backward
+
+@_jit()
+def _entropy_grad_kernel(grad_entropy_ptr, hist_ptr, grad_ptr, C, K, ACC: tl.constexpr,
+                         MEAN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For head h (one program): G = dL/dp from dL/dH (backends.entropy_bits_backward),
+    -w (log2(p + eps) + p / ((p + eps) ln 2)), written centred (G minus its mean over k), the
+    form the backward kernels take."""
+    h = tl.program_id(0)
+    if MEAN:
+        weight = tl.load(grad_entropy_ptr).to(ACC) / C
+    else:
+        weight = tl.load(grad_entropy_ptr + h).to(ACC)
+    part = tl.zeros((BLOCK_K,), ACC)
+    for k0 in range(0, K, BLOCK_K):  # pass 1: the mean of G over the bins
+        ks = k0 + tl.arange(0, BLOCK_K)
+        p = tl.load(hist_ptr + h * K + ks, mask=ks < K, other=0.0)
+        shifted = p + _ENTROPY_EPS
+        g = (tl.log2(shifted) + _INV_LN2 * (p / shifted)) * -weight
+        part += tl.where(ks < K, g, 0.0)
+    mean = tl.sum(part, axis=0) / K
+    for k0 in range(0, K, BLOCK_K):  # pass 2: G - mean, recomputed (cheaper than a scratch)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        p = tl.load(hist_ptr + h * K + ks, mask=ks < K, other=0.0)
+        shifted = p + _ENTROPY_EPS
+        g = (tl.log2(shifted) + _INV_LN2 * (p / shifted)) * -weight
+        tl.store(grad_ptr + h * K + ks, g - mean, mask=ks < K)
+
 
 @_jit(do_not_specialize=["row_start", "row_stop", "seed_lo", "seed_hi", "row_offset"])
 def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr, grad_ptr,
@@ -594,14 +643,19 @@ def _chunk_rows(rows, heads, bins, dim, dot_dtype, out_dtype, align):
 
 def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
                        seed, row_offset):
-    compute, dot_dtype, precision, round_tf32, proj = _prepare(
-        features, dictionary, similarity, estimator)
+    prepared = _prepare(features, dictionary, similarity, estimator)
+    # delta is invariant to a per-head shift of G; centring keeps e and t well conditioned.
+    grad = grad_histogram.to(prepared[0])
+    grad = (grad - grad.mean(dim=1, keepdim=True)).contiguous()
+    return _backward(prepared, grad, features, lse, similarity, estimator, tau, seed, row_offset)
+
+
+def _backward(prepared, grad, features, lse, similarity, estimator, tau, seed, row_offset):
+    """The gradient for the centred dL/dp `grad` (C, K) in the compute dtype."""
+    compute, dot_dtype, precision, round_tf32, proj = prepared
     rows, dim = features.shape
     heads, bins = proj.heads, proj.bins
     device = features.device
-    # delta is invariant to a per-head shift of G; centring keeps e and t well conditioned.
-    grad = grad_histogram.to(compute)
-    grad = (grad - grad.mean(dim=1, keepdim=True)).contiguous()
     lse = lse.to(compute).contiguous()
     fwd_blocks, fwd_launch = _forward_config(dot_dtype, rows, dim, heads, bins, device)
     grad_blocks, grad_launch = _grad_config(dot_dtype, rows, dim, heads, bins, device)
@@ -637,6 +691,38 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
                 dim, heads * bins, heads, inv_hi, inv_lo, ACC=acc, DOT=dot, PRECISION=precision,
                 HAS_SCALE=cosine, **grad_blocks, **grad_launch)
     return grad_features
+
+
+def _entropy_block(bins: int) -> int:
+    cap = INTERPRETER_MAX_BLOCK["bins"] if _interpreting() else 1024
+    return _pow2(bins, 16, cap)
+
+
+def entropy_forward(features, dictionary, similarity, estimator, tau, seed, row_offset,
+                    reduction):
+    histogram, lse = histogram_forward(features, dictionary, similarity, estimator, tau, seed,
+                                       row_offset)
+    heads, bins = histogram.shape
+    mean = reduction == "mean"
+    entropy = histogram.new_empty(() if mean else (heads,))
+    with _device_guard(histogram.device):
+        _entropy_kernel[(1,)](histogram, entropy, heads, bins, ACC=_TL_DTYPES[histogram.dtype],
+                              MEAN=mean, BLOCK_K=_entropy_block(bins))
+    return entropy, histogram, lse
+
+
+def entropy_backward(grad_entropy, histogram, features, dictionary, lse, similarity, estimator,
+                     tau, seed, row_offset, reduction):
+    prepared = _prepare(features, dictionary, similarity, estimator)
+    compute = prepared[0]
+    histogram = histogram.to(compute).contiguous()
+    heads, bins = histogram.shape
+    grad = torch.empty_like(histogram)
+    with _device_guard(histogram.device):
+        _entropy_grad_kernel[(heads,)](grad_entropy.to(compute).contiguous(), histogram, grad,
+                                       heads, bins, ACC=_TL_DTYPES[compute],
+                                       MEAN=reduction == "mean", BLOCK_K=_entropy_block(bins))
+    return _backward(prepared, grad, features, lse, similarity, estimator, tau, seed, row_offset)
 
 
 def noise_words(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0,

@@ -383,3 +383,31 @@ def test_public_api_autograd(mode):
     torch.testing.assert_close(hist.double(), hist_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(grad.double(), grad_ref, rtol=0,
                                atol=1e-4 * grad_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("mode", ["tf32", "bfloat16", "float64"], indirect=True)
+@pytest.mark.parametrize("shape", [(256, 640, 1, 100), RAGGED], ids=["few-shot", "ragged"])
+def test_fused_entropy_matches_the_entropy_formulas(mode, shape, reduction):
+    # The entropy kernels after the histogram kernels, and before the backward ones: the
+    # entropy_bits of the histogram, and the gradient of dL/dp = entropy_bits_backward(dL/dH).
+    _, dtype, _ = mode
+    features, dictionary, _ = make_problem(shape, dtype, "cosine", seed=21)
+    args = (features, dictionary, "cosine", "gumbel_soft", 0.9, 31, 2)
+    entropy, histogram, lse = ft.entropy_forward(*args, reduction)
+    plain_histogram, plain_lse = ft.histogram_forward(*args)
+    assert torch.equal(histogram, plain_histogram) and torch.equal(lse, plain_lse)
+    eps = torch.finfo(histogram.dtype).eps
+    expected = fierce_ext.backends.entropy_bits(histogram, reduction)
+    torch.testing.assert_close(entropy, expected, rtol=0, atol=64 * eps * math.log2(shape[3]))
+    grad_entropy = torch.rand(entropy.shape, device=DEVICE, dtype=entropy.dtype) + 0.5
+    grad = ft.entropy_backward(grad_entropy, histogram, features, dictionary, lse, *args[2:],
+                               reduction)
+    expected_grad = ft.histogram_backward(
+        fierce_ext.backends.entropy_bits_backward(grad_entropy, histogram, reduction), features,
+        dictionary, lse, *args[2:])
+    scale = expected_grad.double().abs().max()
+    assert scale > 0 and torch.isfinite(grad).all()
+    # Same kernels, a G a few ulps apart: the low-precision delta tiles round alike or by one ulp.
+    tol = 1e3 * eps if dtype == torch.float64 else 2e-2
+    assert (grad.double() - expected_grad.double()).abs().max() <= tol * scale
