@@ -414,6 +414,21 @@ def test_fused_entropy_of_a_poisoned_histogram_is_nan():
     assert torch.isnan(grad).all()
 
 
+def test_public_entropy_runs_the_fused_kernels(monkeypatch):
+    # fierce_ext.entropy on the triton backend must take its entropy kernels, never the composed
+    # torch formulas (which are what the fusion saves).
+    def composed(*args):
+        raise AssertionError("the composed entropy formulas ran")
+    monkeypatch.setattr(fierce_ext.backends, "entropy_bits", composed)
+    monkeypatch.setattr(fierce_ext.backends, "entropy_bits_backward", composed)
+    features, dictionary, _ = make_problem(30, 4, 2, 9, dtype=torch.float32, seed=6)
+    features.requires_grad_(True)
+    value = fierce_ext.entropy(features, dictionary, seed=3, backend="triton")
+    (grad,) = torch.autograd.grad(value, features)
+    assert value.shape == () and 0 < value.item() <= math.log2(9)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------ through the public API
 
 def test_public_api_autograd():

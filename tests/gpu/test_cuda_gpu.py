@@ -396,9 +396,10 @@ def test_fused_entropy_matches_the_entropy_of_its_histogram(precision, mode, est
     assert (grad.double() - expected_grad.double()).abs().max() <= grad_tol * scale
 
 
-def test_fused_entropy_public_api_graphs_and_determinism(precision):
-    # fierce_ext.entropy on CUDA runs the fused ops: same value and gradient as the torch
-    # backend within tf32's tolerance, bitwise repeatable, and the same bits captured in a graph.
+def test_fused_entropy_public_api_graphs_and_determinism(precision, monkeypatch):
+    # fierce_ext.entropy on CUDA runs the fused ops (never the composed torch formulas): same
+    # value and gradient as the torch backend within tf32's tolerance, bitwise repeatable, and
+    # the same bits captured in a graph.
     precision("tf32")
     features, dictionary = make_case(256, 640, 1, 100, "cosine", seed=14)
     features.requires_grad_(True)
@@ -408,8 +409,11 @@ def test_fused_entropy_public_api_graphs_and_determinism(precision):
         (grad,) = torch.autograd.grad(value, features)
         return value, grad
 
-    value, grad = step()
-    again = step()
+    with monkeypatch.context() as patch:
+        for name in ("entropy_bits", "entropy_bits_backward"):
+            patch.setattr(fierce_ext.backends, name, lambda *args: pytest.fail("composed"))
+        value, grad = step()
+        again = step()
     assert torch.equal(value, again[0]) and torch.equal(grad, again[1])
     expected = fierce_ext.entropy(features, dictionary, seed=9, backend="torch")
     (expected_grad,) = torch.autograd.grad(expected, features)
