@@ -386,11 +386,12 @@ def test_public_api_autograd(mode):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("mode", ["tf32", "bfloat16", "float64"], indirect=True)
+@pytest.mark.parametrize("mode", ["tf32", "bfloat16"], indirect=True)
 @pytest.mark.parametrize("shape", [(256, 640, 1, 100), RAGGED], ids=["few-shot", "ragged"])
 def test_fused_entropy_matches_the_entropy_formulas(mode, shape, reduction):
     # The entropy kernels after the histogram kernels, and before the backward ones: the
     # entropy_bits of the histogram, and the gradient of dL/dp = entropy_bits_backward(dL/dH).
+    # (float64 and the tile loops: the interpreter tests; here the compiled kernels.)
     _, dtype, _ = mode
     features, dictionary, _ = make_problem(shape, dtype, "cosine", seed=21)
     args = (features, dictionary, "cosine", "gumbel_soft", 0.9, 31, 2)
@@ -409,5 +410,4 @@ def test_fused_entropy_matches_the_entropy_formulas(mode, shape, reduction):
     scale = expected_grad.double().abs().max()
     assert scale > 0 and torch.isfinite(grad).all()
     # Same kernels, a G a few ulps apart: the low-precision delta tiles round alike or by one ulp.
-    tol = 1e3 * eps if dtype == torch.float64 else 2e-2
-    assert (grad.double() - expected_grad.double()).abs().max() <= tol * scale
+    assert (grad.double() - expected_grad.double()).abs().max() <= 2e-2 * scale
