@@ -11,8 +11,9 @@
 # 3. `pytest -x -q` of the kernel test modules (tests/gpu/test_triton_gpu.py, test_cuda_gpu.py),
 #    sharded over FIERCE_CHECK_SHARDS (default 8) processes by benchmarks/pytest_shards.sh;
 # 4. `benchmarks/entropy_kernel.py` on the DESIGN.md shapes in fp32 and bf16, every backend but
-#    the paper's torch.compile; then tests/gpu/test_integration_gpu.py (opcheck, a compiled
-#    training step, autocast) and, time permitting, the compiled paper code;
+#    the paper's torch.compile; `benchmarks/host_overhead.py` (the host-side floor of an eager
+#    step); then tests/gpu/test_integration_gpu.py (opcheck, a compiled training step, autocast)
+#    and, time permitting, the compiled paper code;
 # 5. a summary: each step's status and time, then a short fwd+bwd table, printed last.
 #
 # Results and logs go under $OUT (if set) or benchmarks/results/. Every step has a timeout and
@@ -114,6 +115,9 @@ bench_args=${FIERCE_CHECK_BENCH_ARGS:---shapes few-shot,hyperspectral,mid,large,
 # shellcheck disable=SC2086
 step benchmark 150 "$python" benchmarks/entropy_kernel.py $bench_args \
     --backends paper,torch,triton,cuda --out "$out/bench"
+# The host-side floor of an eager step (fierce_ext.entropy with a backend that does nothing)
+# against each backend, at the paper's few-shot shape: is the step bound by the host?
+step host-overhead 40 "$python" benchmarks/host_overhead.py --shape 256,640,1,100
 # Training-loop integration (opcheck, compiled step, autocast): after the main table, since
 # its torch.compile calls take the longest.
 # shellcheck disable=SC2086
@@ -170,6 +174,11 @@ if graphed:
         print(f"  {r['shape']:<14} {r['dtype']:<5} {r['backend']:<15} "
               + (f"{value:.4g}" if value else f"not capturable: {r['graph_note']}"))
 EOF
+if [[ -s $logs/host-overhead.log ]]; then
+    echo
+    echo "eager step, host floor (backend noop) vs the backends, us:"
+    tail -n +2 "$logs/host-overhead.log"
+fi
 echo
 for line in "${status[@]}"; do echo "$line"; done
 if (( failed )); then echo "DEVICE CHECK: FAILED"; else echo "DEVICE CHECK: OK"; fi
