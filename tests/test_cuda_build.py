@@ -148,6 +148,33 @@ def test_fake_implementations_give_shapes_and_dtypes(dtype):
     assert entropy_grad.is_contiguous()
 
 
+# The projection cache keys on data_ptr, which fake tensors only warn about.
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backend_functions_run_on_fake_cuda_tensors(dtype):
+    # The adapters of fierce_ext/backends/cuda.py against the ops' schemas and fakes: arguments,
+    # their order and types, output shapes and dtypes (no GPU: fake CUDA tensors).
+    _extension()
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        features = torch.empty(37, 11, dtype=dtype, device="cuda")
+        dictionary = torch.empty(3, 11, 130, device="cuda")
+        histogram, lse = cuda_backend.histogram_forward(features, dictionary, "cosine",
+                                                        "gumbel_hard", 0.5, 7, 2)
+        grad = cuda_backend.histogram_backward(histogram, features, dictionary, lse, "cosine",
+                                               "gumbel_hard", 0.5, 7, 2)
+        outputs = [cuda_backend.entropy_forward(features, dictionary, "distance", "softmax", 1.0,
+                                                3, 0, reduction) for reduction in ("mean", "none")]
+        entropy_grads = [cuda_backend.entropy_backward(entropy, hist, features, dictionary, l,
+                                                       "distance", "softmax", 1.0, 3, 0, reduction)
+                         for (entropy, hist, l), reduction in zip(outputs, ("mean", "none"))]
+    assert (histogram.shape, histogram.dtype, lse.shape) == ((3, 130), torch.float32, (37, 3))
+    assert [o[0].shape for o in outputs] == [(), (3,)]
+    assert all(o[1].shape == (3, 130) and o[2].shape == (37, 3) for o in outputs)
+    assert all((g.shape, g.dtype) == ((37, 11), dtype) for g in [grad, *entropy_grads])
+
+
 def test_fake_implementations_trace_into_a_graph():
     _extension()
     from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415

@@ -150,51 +150,47 @@ def _require() -> None:
         raise RuntimeError(f"the cuda backend is unavailable: {reason}")
 
 
-def histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
+def _kernel_inputs(features, dictionary, similarity):
+    """(features as the kernels read them, compute dtype, vt, bias); checks the extension."""
     _require()
-    features = features.to(_kernel_dtype(features.dtype))
+    features = features.to(_kernel_dtype(features.dtype)).contiguous()
     vt, bias = project(dictionary, similarity, features.dtype)
+    return features, compute_dtype(features.dtype), vt, bias
+
+
+def histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
+    features, _, vt, bias = _kernel_inputs(features, dictionary, similarity)
     return torch.ops.fierce_ext.cuda_histogram_forward(
-        features.contiguous(), vt, bias, similarity, estimator, float(tau), int(seed),
-        int(row_offset), allow_tf32())
+        features, vt, bias, similarity, estimator, float(tau), int(seed), int(row_offset),
+        allow_tf32())
 
 
 def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
                        seed, row_offset):
-    _require()
-    dtype = features.dtype
-    kernel_features = features.to(_kernel_dtype(dtype)).contiguous()
-    compute = compute_dtype(kernel_features.dtype)
-    vt, bias = project(dictionary, similarity, kernel_features.dtype)
+    kernel_features, compute, vt, bias = _kernel_inputs(features, dictionary, similarity)
     grad_features = torch.ops.fierce_ext.cuda_histogram_backward(
         grad_histogram.to(compute).contiguous(), kernel_features, vt, bias,
         lse.to(compute).contiguous(), similarity, estimator, float(tau), int(seed),
         int(row_offset), allow_tf32())
-    return grad_features.to(dtype)
+    return grad_features.to(features.dtype)
 
 
 def entropy_forward(features, dictionary, similarity, estimator, tau, seed, row_offset,
                     reduction):
-    _require()
-    features = features.to(_kernel_dtype(features.dtype))
-    vt, bias = project(dictionary, similarity, features.dtype)
+    features, _, vt, bias = _kernel_inputs(features, dictionary, similarity)
     return torch.ops.fierce_ext.cuda_entropy_forward(
-        features.contiguous(), vt, bias, similarity, estimator, float(tau), int(seed),
-        int(row_offset), allow_tf32(), reduction == "mean")
+        features, vt, bias, similarity, estimator, float(tau), int(seed), int(row_offset),
+        allow_tf32(), reduction == "mean")
 
 
 def entropy_backward(grad_entropy, histogram, features, dictionary, lse, similarity, estimator,
                      tau, seed, row_offset, reduction):
-    _require()
-    dtype = features.dtype
-    kernel_features = features.to(_kernel_dtype(dtype)).contiguous()
-    compute = compute_dtype(kernel_features.dtype)
-    vt, bias = project(dictionary, similarity, kernel_features.dtype)
+    kernel_features, compute, vt, bias = _kernel_inputs(features, dictionary, similarity)
     grad_features = torch.ops.fierce_ext.cuda_entropy_backward(
         grad_entropy.to(compute).contiguous(), histogram.to(compute).contiguous(),
         kernel_features, vt, bias, lse.to(compute).contiguous(), similarity, estimator,
         float(tau), int(seed), int(row_offset), allow_tf32(), reduction == "mean")
-    return grad_features.to(dtype)
+    return grad_features.to(features.dtype)
 
 
 if _extension.has_ops(*_OPS):  # the extension was loaded before this module (see _register_fakes)
