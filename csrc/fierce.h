@@ -59,11 +59,10 @@ struct ForwardParams : Problem {
 
 struct BackwardParams : Problem {
   const void* grad_histogram;  // dL/dp (C, K) acc; nullptr when grad_entropy is set
-  // Or dL/dH of the entropy: (C,) acc, or one value when entropy_mean. A first kernel then turns
-  // it into dL/dp (C, K) in grad_workspace, from the histogram saved by the forward.
+  // Or dL/dH of the entropy: (C,) acc, or one value when entropy_mean; the kernels then form
+  // dL/dp tile by tile from it and the histogram (C, K) acc saved by the forward.
   const void* grad_entropy;
-  const void* histogram;       // (C, K) acc
-  void* grad_workspace;        // (C, K) acc
+  const void* histogram;
   bool entropy_mean;
   const void* lse;             // (B, C) acc, saved by the forward
   void* expected;              // (B, C) acc workspace: sum_k y G, used when K > kTileBins

@@ -19,11 +19,11 @@
 //                              for tiny problems its last block also does the two kernels below
 //             reduce_kernel    sums the partials in a fixed order, divides by B, poisons
 //             entropy_kernel   H[h] = -sum_k p log2(p + eps) (or its mean), when asked for
-//   backward: entropy_grad_kernel  G = dL/dp from dL/dH (only when the entropy's gradient comes in):
-//                              G[h,k] = -w[h] (log2(p + eps) + p / ((p + eps) ln 2))
-//             expected_kernel  sum_k y G per (row, head), only when K > kTileBins
+//   backward: expected_kernel  sum_k y G per (row, head), only when K > kTileBins
 //             gradient_kernel  one block per row tile: delta tile by tile, fused with the
 //                              delta . vt GEMM into a float accumulator that the block owns
+//             Both take G = dL/dp tile by tile into shared memory (grad_tile): as given, or, when
+//             the entropy's gradient comes in, G[h,k] = -w[h] (log2(p + eps) + p / ((p + eps) ln 2))
 //
 // Deterministic: no floating-point atomics; every sum has a fixed order for a given device
 // (integer atomics count the hard histogram, which is exact in any order).
@@ -172,7 +172,9 @@ template <GemmMode M> struct Layout {
   static constexpr size_t vs_bytes = align(sizeof(typename T::DIn) * T::BK * LDV);
   static constexpr size_t staging_bytes = a_bytes + b_bytes > vs_bytes ? a_bytes + b_bytes : vs_bytes;
   static constexpr size_t forward_bytes = cs_bytes + a_bytes + b_bytes;
-  static constexpr size_t backward_bytes = cs_bytes + ds_bytes + staging_bytes;
+  static constexpr size_t gs_bytes = align(sizeof(typename T::Acc) * BN);
+  static constexpr size_t gs_offset = cs_bytes + ds_bytes + staging_bytes;  // G of a bin tile
+  static constexpr size_t backward_bytes = gs_offset + gs_bytes;
 };
 
 // ------------------------------------------------------------------- reductions within a row
@@ -645,19 +647,29 @@ __global__ void __launch_bounds__(kThreads) entropy_kernel(const Acc* __restrict
 
 // ---------------------------------------------------------------------------- backward
 
-// G[h][k] = dL/dp from dL/dH: -w[h] (log2(p + eps) + p / ((p + eps) ln 2)), with w[h] = dL/dH[h],
-// or dL/dH / C for all heads when the entropy was their mean (backends.entropy_bits_backward).
+// Gs[n] = G[h][k0 + n] = dL/dp for the bin tile at k0 (0 beyond K): as given, or, when the
+// entropy's gradient came in, -w (log2(p + eps) + p / ((p + eps) ln 2)) from the histogram, with
+// w = dL/dH[h], or dL/dH / C for all heads when the entropy was their mean
+// (backends.entropy_bits_backward). It writes shared memory: callers order it with barriers.
 template <typename Acc>
-__global__ void __launch_bounds__(kThreads) entropy_grad_kernel(
-    const Acc* __restrict__ grad_entropy, const Acc* __restrict__ histogram, Acc* __restrict__ grad,
-    int heads, int bins, bool mean) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= static_cast<int64_t>(heads) * bins) return;
-  const Acc weight = mean ? grad_entropy[0] / static_cast<Acc>(heads) : grad_entropy[idx / bins];
-  const Acc p = histogram[idx];
-  const Acc shifted = p + static_cast<Acc>(kEntropyEps);
-  const Acc inv_ln2 = static_cast<Acc>(1.4426950408889634);  // 1 / ln 2
-  grad[idx] = (log2_(shifted) + inv_ln2 * (p / shifted)) * -weight;
+__device__ void grad_tile(const BackwardParams& p, int h, int k0, Acc* Gs) {
+  const int64_t head = static_cast<int64_t>(h) * p.bins;
+  const Acc* grad_entropy = static_cast<const Acc*>(p.grad_entropy);
+  for (int n = threadIdx.x; n < BN; n += blockDim.x) {
+    const int k = k0 + n;
+    Acc g = Acc(0);
+    if (k < p.bins && grad_entropy == nullptr) {
+      g = static_cast<const Acc*>(p.grad_histogram)[head + k];
+    } else if (k < p.bins) {
+      const Acc weight = p.entropy_mean ? grad_entropy[0] / static_cast<Acc>(p.heads)
+                                        : grad_entropy[h];
+      const Acc q = static_cast<const Acc*>(p.histogram)[head + k];
+      const Acc shifted = q + static_cast<Acc>(kEntropyEps);
+      const Acc inv_ln2 = static_cast<Acc>(1.4426950408889634);  // 1 / ln 2
+      g = (log2_(shifted) + inv_ln2 * (q / shifted)) * -weight;
+    }
+    Gs[n] = g;
+  }
 }
 
 // expected[b][h] = sum_k y[b,h,k] G[h,k], with y from the saved log-sum-exp. Needed before delta
@@ -671,9 +683,10 @@ __global__ void __launch_bounds__(kThreads, 2) expected_kernel(BackwardParams p)
   Acc* Cs = reinterpret_cast<Acc*>(smem);
   unsigned char* staging = smem + Layout<M>::cs_bytes + Layout<M>::ds_bytes;
 
+  Acc* Gs = reinterpret_cast<Acc*>(smem + Layout<M>::gs_offset);
+
   const In* features = static_cast<const In*>(p.features);
   const Acc* bias = static_cast<const Acc*>(p.bias);
-  const Acc* grad = static_cast<const Acc*>(p.grad_histogram);
   const Acc* lse = static_cast<const Acc*>(p.lse);
   const int C = p.heads;
   const int K = p.bins;
@@ -698,13 +711,13 @@ __global__ void __launch_bounds__(kThreads, 2) expected_kernel(BackwardParams p)
   Acc s[CPT], z[CPT];
   for (int kt = 0; kt < ktiles; ++kt) {
     const int k0 = kt * BN;
+    __syncthreads();  // every thread is done with the previous tile's Gs
+    grad_tile<Acc>(p, h, k0, Gs);  // published by logit_tile's barriers
     logit_tile<M>(features, vt_head, B, D, K, b0, k0, staging, Cs);
     const unsigned valid = tile_logits<Acc>(Cs, m, sub, b, row_ok, h, k0, bias, scale, inv_tau, args, s, z);
 #pragma unroll
     for (int c = 0; c < CPT; ++c) {
-      if (valid & (1u << c)) {
-        expected += exp_(z[c] - row_lse) * grad[static_cast<int64_t>(h) * K + k0 + column_of(c, sub)];
-      }
+      if (valid & (1u << c)) expected += exp_(z[c] - row_lse) * Gs[column_of(c, sub)];
     }
   }
   expected = group_sum(expected);
@@ -840,10 +853,10 @@ __global__ void __launch_bounds__(kThreads) gradient_kernel(BackwardParams p) {
   DIn* Ds = reinterpret_cast<DIn*>(smem + Layout<M>::cs_bytes);
   unsigned char* staging = smem + Layout<M>::cs_bytes + Layout<M>::ds_bytes;
   DIn* Vs = reinterpret_cast<DIn*>(staging);  // shares the staging region with As/Bs
+  Acc* Gs = reinterpret_cast<Acc*>(smem + Layout<M>::gs_offset);
 
   const In* features = static_cast<const In*>(p.features);
   const Acc* bias = static_cast<const Acc*>(p.bias);
-  const Acc* grad = static_cast<const Acc*>(p.grad_histogram);
   const Acc* lse = static_cast<const Acc*>(p.lse);
   const Acc* expected_in = static_cast<const Acc*>(p.expected);
   Acc* accumulator = static_cast<Acc*>(p.accumulator);
@@ -870,11 +883,13 @@ __global__ void __launch_bounds__(kThreads) gradient_kernel(BackwardParams p) {
   Acc s[CPT], z[CPT];
   for (int h = 0; h < C; ++h) {
     const In* vt_head = static_cast<const In*>(p.vt) + static_cast<int64_t>(h) * K * D;
-    const Acc* grad_head = grad + static_cast<int64_t>(h) * K;
     const Acc row_lse = row_ok ? lse[b * C + h] : Acc(0);
     Acc expected = (ktiles > 1 && row_ok) ? expected_in[b * C + h] : Acc(0);
     for (int kt = 0; kt < ktiles; ++kt) {
       const int k0 = kt * BN;
+      // No thread reads Gs any more: the last tile's reads preceded the barrier before its
+      // gradient_update. logit_tile's barriers publish the new tile.
+      grad_tile<Acc>(p, h, k0, Gs);
       logit_tile<M>(features, vt_head, B, D, K, b0, k0, staging, Cs);
       const unsigned valid = tile_logits<Acc>(Cs, m, sub, b, row_ok, h, k0, bias, scale, inv_tau, args, s, z);
       Acc y[CPT];
@@ -884,7 +899,7 @@ __global__ void __launch_bounds__(kThreads) gradient_kernel(BackwardParams p) {
         Acc part = Acc(0);
 #pragma unroll
         for (int c = 0; c < CPT; ++c) {
-          if (valid & (1u << c)) part += y[c] * grad_head[k0 + column_of(c, sub)];
+          if (valid & (1u << c)) part += y[c] * Gs[column_of(c, sub)];
         }
         expected = group_sum(part);
       }
@@ -892,7 +907,7 @@ __global__ void __launch_bounds__(kThreads) gradient_kernel(BackwardParams p) {
       for (int c = 0; c < CPT; ++c) {
         Acc delta = Acc(0);
         if (valid & (1u << c)) {
-          delta = y[c] * (grad_head[k0 + column_of(c, sub)] - expected) * inv_rows_tau;
+          delta = y[c] * (Gs[column_of(c, sub)] - expected) * inv_rows_tau;
           if (p.cosine) delta_dot_s += delta * s[c];
         }
         Ds[m * LDD + column_of(c, sub)] = Cvt<DIn>::from(delta);
@@ -959,22 +974,10 @@ cudaError_t forward_impl(const ForwardParams& p, cudaStream_t stream) {
 }
 
 template <GemmMode M>
-cudaError_t backward_impl(const BackwardParams& params, cudaStream_t stream) {
-  using Acc = typename Traits<M>::Acc;
+cudaError_t backward_impl(const BackwardParams& p, cudaStream_t stream) {
   const size_t bytes = Layout<M>::backward_bytes;
-  const int64_t tiles = (params.rows + BM - 1) / BM;
+  const int64_t tiles = (p.rows + BM - 1) / BM;
   cudaError_t error;
-  BackwardParams p = params;
-  if (p.grad_entropy != nullptr) {  // dL/dH in: form dL/dp first
-    const int64_t entries = static_cast<int64_t>(p.heads) * p.bins;
-    FIERCE_LAUNCH(entropy_grad_kernel<Acc>, static_cast<unsigned>((entries + kThreads - 1) / kThreads),
-                  kThreads, 0, stream, static_cast<const Acc*>(p.grad_entropy),
-                  static_cast<const Acc*>(p.histogram), static_cast<Acc*>(p.grad_workspace),
-                  p.heads, p.bins, p.entropy_mean);
-    error = cudaGetLastError();
-    if (error != cudaSuccess) return error;
-    p.grad_histogram = p.grad_workspace;
-  }
   if (p.bins > BN) {
     error = allow_shared(expected_kernel<M>, bytes);
     if (error != cudaSuccess) return error;

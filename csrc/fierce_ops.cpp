@@ -14,7 +14,7 @@
 //
 // The entropy ops fuse the histogram's entropy (bits, fierce_ext.backends.entropy_bits) into the
 // forward's reduction and its derivative into the backward, so that a training step at the paper's
-// sizes runs one kernel forward and two backward instead of a dozen small torch ops more.
+// sizes runs one kernel each way instead of a dozen small torch ops more.
 // `vt` is the dictionary already projected for the similarity (dictionary.project_dictionary)
 // and laid out bins-major, (C, K, D), in the features' dtype; `bias` is the projected bias (C, K)
 // in the compute dtype or None. fierce_ext/backends/cuda.py prepares both (and caches them) and
@@ -310,11 +310,9 @@ at::Tensor backward(const at::Tensor& grad_histogram, const at::Tensor& grad_ent
 
   BackwardParams params{};
   static_cast<Problem&>(params) = problem_of(r, v, c, cosine, estimator_id, tau, seed, row_offset);
-  const at::Tensor workspace = from_entropy ? at::empty({heads, bins}, acc) : at::Tensor();
   if (from_entropy) {
     params.grad_entropy = ge.data_ptr();
     params.histogram = g.data_ptr();
-    params.grad_workspace = workspace.data_ptr();
     params.entropy_mean = entropy_mean;
   } else {
     params.grad_histogram = g.data_ptr();

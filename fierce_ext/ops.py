@@ -6,7 +6,7 @@ needs; its backward maps dL/dp to dL/dr. `entropy(...)` returns the entropy of t
 maps dL/dH to dL/dr. A backend may fuse the entropy into its kernels (backends/__init__.py);
 for the others `_entropy_forward` / `_entropy_backward` compose it from the histogram functions,
 so at the paper's sizes, where every small op costs about as much as the kernels, the `cuda`
-backend runs one or two launches per direction where the composed form adds about fifteen. Each direction
+backend runs one launch per direction where the composed form adds about fifteen. Each direction
 exists as a custom op (`fierce_ext::histogram`, `fierce_ext::histogram_backward`,
 `fierce_ext::entropy`, `fierce_ext::entropy_backward`) with a fake (meta) implementation, so
 torch.compile traces through them without graph breaks and torch.library.opcheck can check

@@ -243,7 +243,7 @@ def emu():
     lib.fierce_emu_forward.argtypes = [i, p, p, p, p, p, p, p, i64, i, i, i, i, i, i, f64, u64, u64,
                                        p, p, i]
     lib.fierce_emu_backward.argtypes = [i, p, p, p, p, p, p, p, p, i64, i, i, i, i, i, f64, u64,
-                                        u64, p, p, p, i]
+                                        u64, p, p, i]
     lib.fierce_emu_philox.argtypes = [u64, u64, p]
     lib.fierce_emu_one_launch_forward.argtypes = [i64, i64, i64]
     return lib
@@ -306,17 +306,16 @@ def emulated_backward(lib, mode, grad_histogram, features, dictionary, lse, simi
                              nan, dtype=compute)
     grad = torch.full((rows, dim), nan, dtype=dtype)
     grad_in = grad_histogram.to(compute).contiguous()
-    grad_entropy = histogram = workspace = None
+    grad_entropy = histogram = None
     mean = False
     if entropy_of is not None:
         (histogram, reduction), grad_entropy, grad_in = entropy_of, grad_in, None
         histogram, mean = histogram.to(compute).contiguous(), reduction == "mean"
-        workspace = torch.full((heads, bins), nan, dtype=compute)
     error = lib.fierce_emu_backward(
         mode_id, _ptr(grad_in), _ptr(features), _ptr(vt),
         _ptr(bias), _ptr(lse.contiguous()), _ptr(expected), _ptr(accumulator), _ptr(grad), rows,
         dim, heads, bins, int(similarity == "cosine"), ESTIMATOR_IDS[estimator], tau, seed,
-        row_offset, _ptr(grad_entropy), _ptr(histogram), _ptr(workspace), int(mean))
+        row_offset, _ptr(grad_entropy), _ptr(histogram), int(mean))
     assert error == 0, f"emulated backward launch failed ({error})"
     return grad
 

@@ -65,14 +65,13 @@ int fierce_emu_backward(int mode, const void* grad_histogram, const void* featur
                         void* accumulator, void* grad_features, int64_t rows, int dim, int heads,
                         int bins, int cosine, int estimator, double tau, uint64_t seed,
                         uint64_t row_offset, const void* grad_entropy, const void* histogram,
-                        void* grad_workspace, int entropy_mean) {
+                        int entropy_mean) {
   fierce::BackwardParams params{};
   static_cast<fierce::Problem&>(params) = emulated_problem(
       features, vt, bias, rows, dim, heads, bins, cosine, estimator, tau, seed, row_offset);
   params.grad_histogram = grad_histogram;  // nullptr when grad_entropy is given
   params.grad_entropy = grad_entropy;
   params.histogram = histogram;
-  params.grad_workspace = grad_workspace;
   params.entropy_mean = entropy_mean != 0;
   params.lse = lse;
   params.expected = expected;

@@ -12,8 +12,9 @@ The extension registers four ops (CUDA kernels only):
                                                mean) -> grad_features
 
 The entropy pair fuses the histogram's entropy into the forward's last kernel (for tiny problems
-the whole forward is then one launch) and its derivative into the backward (one small kernel
-before the gradient kernel), so `fierce_ext.entropy` adds no torch ops of its own.
+the whole forward is then one launch) and its derivative into the backward kernels (each block
+forms dL/dp from dL/dH and the histogram, tile by tile), so `fierce_ext.entropy` adds no torch
+ops of its own: at the paper's sizes one launch forward and one backward.
 
 This module adapts them to the backend interface: it projects the dictionary once per
 (dictionary, version, similarity, dtype) (vt = v laid out bins-major (C, K, D) in the features'
