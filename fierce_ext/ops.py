@@ -35,6 +35,8 @@ from torch import Tensor
 
 from . import backends
 
+# -------------------------------------------------------- what both paths run (eager and traced)
+
 
 def _autocast_off(device: torch.device):
     """A context that disables autocast on `device` (the ops promise fp32 compute)."""
@@ -43,14 +45,26 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _forward(features, dictionary, seed, similarity, estimator, tau, row_offset, backend):
+def _plain_eager(*tensors: Tensor) -> bool:
+    """True when nothing traces or intercepts this call: no compiler, no TorchDispatchMode (fake
+    tensors, make_fx, export, FlopCounterMode...), no torch.func transform, no tensor subclass.
+    Then the backend may run without the custom op's dispatch; otherwise the custom ops keep the
+    call visible."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(t) is Tensor for t in tensors))
+
+
+def _histogram_forward(features, dictionary, seed, similarity, estimator, tau, row_offset,
+                       backend):
     with _autocast_off(features.device):
         return backends.load(backend).histogram_forward(
             features, dictionary, similarity, estimator, tau, int(seed), row_offset)
 
 
-def _backward_features(grad_histogram, features, dictionary, lse, seed, similarity, estimator,
-                       tau, row_offset, backend):
+def _histogram_backward(grad_histogram, features, dictionary, lse, seed, similarity, estimator,
+                        tau, row_offset, backend):
     with _autocast_off(features.device):
         return backends.load(backend).histogram_backward(
             grad_histogram.contiguous(), features, dictionary, lse, similarity, estimator, tau,
@@ -82,11 +96,14 @@ def _entropy_backward(grad_entropy, histogram, features, dictionary, lse, seed, 
                                          estimator, tau, int(seed), row_offset)
 
 
+# ------------------------------------------------------------------------------- the histogram
+
 @torch.library.custom_op("fierce_ext::histogram", mutates_args=())
 def histogram_op(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
                  estimator: str, tau: float, row_offset: int, backend: str
                  ) -> tuple[Tensor, Tensor]:
-    return _forward(features, dictionary, seed, similarity, estimator, tau, row_offset, backend)
+    return _histogram_forward(features, dictionary, seed, similarity, estimator, tau, row_offset,
+                              backend)
 
 
 @histogram_op.register_fake
@@ -101,8 +118,8 @@ def _histogram_fake(features, dictionary, seed, similarity, estimator, tau, row_
 def histogram_backward_op(grad_histogram: Tensor, features: Tensor, dictionary: Tensor,
                           lse: Tensor, seed: Tensor, similarity: str, estimator: str, tau: float,
                           row_offset: int, backend: str) -> Tensor:
-    return _backward_features(grad_histogram, features, dictionary, lse, seed, similarity,
-                              estimator, tau, row_offset, backend)
+    return _histogram_backward(grad_histogram, features, dictionary, lse, seed, similarity,
+                               estimator, tau, row_offset, backend)
 
 
 @histogram_backward_op.register_fake
@@ -110,18 +127,7 @@ def _histogram_backward_fake(grad_histogram, features, *args):
     return torch.empty_like(features)
 
 
-def _plain_eager(*tensors: Tensor) -> bool:
-    """True when nothing traces or intercepts this call: no compiler, no TorchDispatchMode (fake
-    tensors, make_fx, export, FlopCounterMode...), no torch.func transform, no tensor subclass.
-    Then the backend may run without the custom op's dispatch; otherwise the custom ops keep the
-    call visible."""
-    return (not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._are_functorch_transforms_active()
-            and all(type(t) is Tensor for t in tensors))
-
-
-def _setup_context(ctx, inputs, output):
+def _histogram_setup_context(ctx, inputs, output):
     features, dictionary, seed, similarity, estimator, tau, row_offset, backend = inputs
     _, lse = output
     ctx.mark_non_differentiable(lse)
@@ -130,7 +136,7 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (similarity, estimator, tau, row_offset, backend)
 
 
-def _backward(ctx, grad_histogram, _grad_lse):
+def _histogram_autograd_backward(ctx, grad_histogram, _grad_lse):
     features, dictionary, lse, seed = ctx.saved_tensors
     grad_features = None
     if ctx.needs_input_grad[0] and grad_histogram is not None:
@@ -139,11 +145,12 @@ def _backward(ctx, grad_histogram, _grad_lse):
         # derivative, and the op says so when one is asked for, where a direct call would
         # differentiate the backend's code with its saved statistics treated as constants.
         direct = _plain_eager(grad_histogram, features) and not torch.is_grad_enabled()
-        grad_features = _backward_features(*args) if direct else histogram_backward_op(*args)
+        grad_features = _histogram_backward(*args) if direct else histogram_backward_op(*args)
     return grad_features, None, None, None, None, None, None, None
 
 
-histogram_op.register_autograd(_backward, setup_context=_setup_context)
+histogram_op.register_autograd(_histogram_autograd_backward,
+                               setup_context=_histogram_setup_context)
 
 
 class Histogram(torch.autograd.Function):
@@ -157,12 +164,23 @@ class Histogram(torch.autograd.Function):
     def forward(ctx, features, dictionary, seed, similarity, estimator, tau, row_offset,
                 backend):
         args = (features, dictionary, seed, similarity, estimator, tau, row_offset, backend)
-        output = _forward(*args) if _plain_eager(features, dictionary) else histogram_op(*args)
-        _setup_context(ctx, args, output)
+        output = (_histogram_forward(*args) if _plain_eager(features, dictionary)
+                  else histogram_op(*args))
+        _histogram_setup_context(ctx, args, output)
         return output
 
-    backward = staticmethod(_backward)
+    backward = staticmethod(_histogram_autograd_backward)
 
+
+def histogram(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
+              estimator: str, tau: float, row_offset: int, backend: str
+              ) -> tuple[Tensor, Tensor]:
+    """`Histogram.apply` (arguments checked by the caller, see fierce_ext.functional)."""
+    return Histogram.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
+                           backend)
+
+
+# --------------------------------------------------------------------- the histogram's entropy
 
 @torch.library.custom_op("fierce_ext::entropy", mutates_args=())
 def entropy_op(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
@@ -241,11 +259,3 @@ def entropy(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
     """`Entropy.apply` (arguments checked by the caller, see fierce_ext.functional)."""
     return Entropy.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
                          backend, reduction)
-
-
-def histogram(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
-              estimator: str, tau: float, row_offset: int, backend: str
-              ) -> tuple[Tensor, Tensor]:
-    """`Histogram.apply` (arguments checked by the caller, see fierce_ext.functional)."""
-    return Histogram.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
-                           backend)
