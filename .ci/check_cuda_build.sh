@@ -57,7 +57,7 @@ phase "build + install (sm_90)"
 phase "resource usage (cuobjdump)"
 
 mkdir -p "$work/tests"
-cp "$repo/tests/test_cuda_build.py" "$work/tests/"
+cp "$repo/tests/test_cuda_build.py" "$repo/tests/cuda_emulator.py" "$work/tests/"
 (
     cd "$work/tests"
     "$venv/bin/python" -c "

@@ -27,14 +27,9 @@ one count between two bins); the data are checked to hold few such rows.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import math
 import importlib.util
+import math
 import os
-import pathlib
-import shutil
-import subprocess
-import tempfile
 
 import pytest
 import torch
@@ -45,8 +40,9 @@ from fierce_ext.backends import chunked
 from fierce_ext.backends import cuda as cuda_backend
 from fierce_ext.noise import gumbel_noise, random_words
 
+import cuda_emulator
+
 REQUIRE_ENV = "FIERCE_EXT_REQUIRE_EXTENSION"
-CSRC_ENV = "FIERCE_EXT_CSRC"
 SIMILARITIES = ("dot", "cosine", "distance")
 ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
 FORWARD_SCHEMA = ("fierce_ext::cuda_histogram_forward(Tensor features, Tensor vt, Tensor? bias, "
@@ -207,46 +203,15 @@ ESTIMATOR_IDS = {"gumbel_hard": 0, "gumbel_soft": 1, "softmax": 2}
 TILE_ROWS, TILE_DIM = 32, 128  # kTileRows / kTileDim of csrc/fierce.h (workspace shapes)
 
 
-def _csrc() -> pathlib.Path:
-    candidates = [os.environ.get(CSRC_ENV), pathlib.Path(__file__).resolve().parents[1] / "csrc"]
-    for candidate in candidates:
-        if candidate and (pathlib.Path(candidate) / "emulation" / "emulated_ops.cpp").is_file():
-            return pathlib.Path(candidate)
-    pytest.fail(f"csrc/ not found next to {__file__}; set {CSRC_ENV} to the sources")
-
-
 @pytest.fixture(scope="module")
 def emu():
     """The emulated kernels as a ctypes library, built once per source version."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        pytest.skip("no C++ compiler (g++) to build the CPU emulation of the CUDA kernels")
-    csrc = _csrc()
-    sources = sorted([*csrc.glob("*.cu"), *csrc.glob("*.cuh"), *csrc.glob("*.h"),
-                      *(csrc / "emulation").glob("*")])
-    digest = hashlib.sha256()
-    for path in sources:
-        digest.update(path.name.encode() + path.read_bytes())
-    library = pathlib.Path(tempfile.gettempdir()) / f"fierce_emu_{digest.hexdigest()[:16]}.so"
-    if not library.exists():
-        partial = library.with_suffix(f".{os.getpid()}.tmp")
-        command = [compiler, "-std=c++20", "-O2", "-DFIERCE_EMULATE", "-shared", "-fPIC",
-                   "-Wall", "-Wno-unknown-pragmas", str(csrc / "emulation" / "emulated_ops.cpp"),
-                   "-o", str(partial)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.fail(f"building the emulation failed:\n{' '.join(command)}\n{result.stderr}")
-        os.replace(partial, library)
-    lib = ctypes.CDLL(str(library))
-    p, i, i64, f64, u64 = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double,
-                           ctypes.c_uint64)
-    lib.fierce_emu_forward.argtypes = [i, p, p, p, p, p, p, p, i64, i, i, i, i, i, i, f64, u64, u64,
-                                       p, p, i]
-    lib.fierce_emu_backward.argtypes = [i, p, p, p, p, p, p, p, p, i64, i, i, i, i, i, f64, u64,
-                                        u64, p, p, i]
-    lib.fierce_emu_philox.argtypes = [u64, u64, p]
-    lib.fierce_emu_one_launch_forward.argtypes = [i64, i64, i64]
-    return lib
+    try:
+        return cuda_emulator.build()
+    except cuda_emulator.BuildError as error:
+        if "no C++ compiler" in str(error):
+            pytest.skip(str(error))
+        pytest.fail(str(error))
 
 
 def _ptr(tensor):
