@@ -14,8 +14,8 @@ per-row statistic the backend's own backward needs (the fast backends: the log-s
 of the logits). A row whose logits are not all finite makes the histogram NaN. Nothing above
 this package knows which backend runs.
 
-A backend may also fuse the entropy of the histogram into its kernels (the `cuda` backend does,
-because at the paper's sizes each separate small op costs about as much as the whole histogram):
+A backend may also fuse the entropy of the histogram into its kernels (the `cuda` and `triton`
+backends do: at the paper's sizes each separate small op costs about as much as the histogram):
 
     entropy_forward(features, dictionary, similarity, estimator, tau, seed, row_offset, reduction)
         -> (entropy () for "mean" or (C,) for "none", histogram, lse)

@@ -276,6 +276,15 @@ def _entropy_kernel(hist_ptr, out_ptr, C, K, ACC: tl.constexpr, MEAN: tl.constex
 # --------------------------------------------------------------------------------- backward
 
 @_jit()
+def _entropy_slope(hist_ptr, ks, K, weight):
+    """dL/dp[k] = -w (log2(p + eps) + p / ((p + eps) ln 2)) for the bins ks (0 beyond K)."""
+    p = tl.load(hist_ptr + ks, mask=ks < K, other=0.0)
+    shifted = p + _ENTROPY_EPS
+    g = (tl.log2(shifted) + _INV_LN2 * (p / shifted)) * -weight
+    return tl.where(ks < K, g, 0.0)
+
+
+@_jit()
 def _entropy_grad_kernel(grad_entropy_ptr, hist_ptr, grad_ptr, C, K, ACC: tl.constexpr,
                          MEAN: tl.constexpr, BLOCK_K: tl.constexpr):
     """For head h (one program): G = dL/dp from dL/dH (backends.entropy_bits_backward),
@@ -288,17 +297,11 @@ def _entropy_grad_kernel(grad_entropy_ptr, hist_ptr, grad_ptr, C, K, ACC: tl.con
         weight = tl.load(grad_entropy_ptr + h).to(ACC)
     part = tl.zeros((BLOCK_K,), ACC)
     for k0 in range(0, K, BLOCK_K):  # pass 1: the mean of G over the bins
-        ks = k0 + tl.arange(0, BLOCK_K)
-        p = tl.load(hist_ptr + h * K + ks, mask=ks < K, other=0.0)
-        shifted = p + _ENTROPY_EPS
-        g = (tl.log2(shifted) + _INV_LN2 * (p / shifted)) * -weight
-        part += tl.where(ks < K, g, 0.0)
+        part += _entropy_slope(hist_ptr + h * K, k0 + tl.arange(0, BLOCK_K), K, weight)
     mean = tl.sum(part, axis=0) / K
     for k0 in range(0, K, BLOCK_K):  # pass 2: G - mean, recomputed (cheaper than a scratch)
         ks = k0 + tl.arange(0, BLOCK_K)
-        p = tl.load(hist_ptr + h * K + ks, mask=ks < K, other=0.0)
-        shifted = p + _ENTROPY_EPS
-        g = (tl.log2(shifted) + _INV_LN2 * (p / shifted)) * -weight
+        g = _entropy_slope(hist_ptr + h * K, ks, K, weight)
         tl.store(grad_ptr + h * K + ks, g - mean, mask=ks < K)
 
 
