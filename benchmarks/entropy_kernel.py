@@ -3,12 +3,14 @@
     python benchmarks/entropy_kernel.py                     # defaults for the device present
     python benchmarks/entropy_kernel.py --shapes mid,large --dtypes fp32,bf16
     python benchmarks/entropy_kernel.py --quick             # seconds: a smoke run (CI)
+    python benchmarks/entropy_kernel.py --shapes age --similarity distance  # the age experiment
 
-Measured per shape, dtype and backend (cosine similarity, the paper's gumbel_hard estimator):
-forward, backward and forward+backward time, peak extra memory of a forward+backward, the
-achieved TFLOP/s counted against the three-GEMM floor (3 * 2*B*D*C*K flops: forward,
-recompute, gradient) and the time over that floor, where the floor is 3x one measured GEMM
-(B, D) x (D, C*K) (on CUDA in tf32 for fp32 inputs and in bf16 for bf16 inputs).
+Measured per shape, dtype and backend (cosine similarity unless --similarity says otherwise, the
+paper's gumbel_hard estimator): forward, backward and forward+backward time, peak extra memory
+of a forward+backward, the achieved TFLOP/s counted against the three-GEMM floor
+(3 * 2*B*D*C*K flops: forward, recompute, gradient) and the time over that floor, where the
+floor is 3x one measured GEMM (B, D) x (D, C*K) (on CUDA in tf32 for fp32 inputs and in bf16
+for bf16 inputs).
 
 Backends: "paper" (benchmarks/paper_baseline.py, eager), "paper-compiled" (its torch.compile;
 always on CUDA, with --compile on CPU where compiling is slow), and every fierce_ext backend
@@ -68,6 +70,7 @@ SHAPES = {
     "large": (65536, 1024, 4, 256),
     "xl": (262144, 512, 8, 512),
     "mid-cpu": (1024, 2048, 8, 256),  # "mid" with an eighth of the batch: a CPU minute
+    "age": (128, 1, 1, 100),  # the age experiment's term: its own inputs, see make_inputs
     "tiny": (64, 32, 2, 16),  # --quick
 }
 DEFAULT_SHAPES = {"cpu": ["few-shot", "hyperspectral", "mid-cpu"],
@@ -87,11 +90,16 @@ MiB = 2**20
 
 # ----------------------------------------------------------------------------------- cases
 
-def make_inputs(shape, dtype, device, requires_grad=True):
-    batch, dim, heads, bins = shape
+def make_inputs(shape_name, dtype, device, requires_grad=True):
+    batch, dim, heads, bins = SHAPES[shape_name]
     gen = torch.Generator().manual_seed(0)
-    features = torch.randn(batch, dim, generator=gen).to(device=device, dtype=dtype)
-    dictionary = fierce_ext.uniform_dictionary(dim, bins, heads, seed=0).to(device, dtype)
+    if shape_name == "age":  # its batch: features spread over the bin centres 1..100 (its init)
+        features = 50.5 + 16.5 * torch.randn(batch, dim, generator=gen)
+        dictionary = fierce_ext.bin_dictionary(bins, 1.0, float(bins), heads)
+    else:
+        features = torch.randn(batch, dim, generator=gen)
+        dictionary = fierce_ext.uniform_dictionary(dim, bins, heads, seed=0)
+    features, dictionary = features.to(device, dtype), dictionary.to(device, dtype)
     return features.requires_grad_(requires_grad), dictionary
 
 
@@ -322,8 +330,7 @@ def _rss_kib(field):
 def cpu_memory_worker(spec):
     """Runs in a fresh subprocess: peak extra RSS (MiB) of one forward+backward per backend."""
     torch.set_num_threads(spec["threads"])
-    shape, dtype = tuple(spec["shape"]), DTYPES[spec["dtype"]]
-    features, dictionary = make_inputs(shape, dtype, torch.device("cpu"))
+    features, dictionary = make_inputs(spec["shape"], DTYPES[spec["dtype"]], torch.device("cpu"))
     out = {}
     for backend in spec["backends"]:
         fn = make_fn(backend, dictionary, spec["similarity"], spec["estimator"])
@@ -340,10 +347,10 @@ def cpu_memory_worker(spec):
     return out
 
 
-def cpu_memory(shape, dtype_name, backends, args):
+def cpu_memory(shape_name, dtype_name, backends, args):
     if not (sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")):
         return {}, "needs Linux /proc/self/clear_refs"
-    spec = dict(shape=list(shape), dtype=dtype_name, backends=backends, threads=args.threads,
+    spec = dict(shape=shape_name, dtype=dtype_name, backends=backends, threads=args.threads,
                 similarity=args.similarity, estimator=args.estimator)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
@@ -409,7 +416,7 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar):
             tqdm.write(f"skip {shape_name} {dtype_name} {backend}: {skip}")
             bar.update()
             continue
-        features, dictionary = make_inputs(shape, dtype, device)
+        features, dictionary = make_inputs(shape_name, dtype, device)
         fn = make_fn(backend, dictionary, args.similarity, args.estimator)
         try:  # report and continue: one broken backend is a result
             _warm_up(fn, features, device)
@@ -441,7 +448,7 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar):
                        fwdbwd_repeats=len(repeats))
         cpu_cases.clear()
         measured = [row["backend"] for row in rows if "fwdbwd_ms" in row]
-        values, why = cpu_memory(shape, dtype_name, measured, args) if measured else ({}, None)
+        values, why = cpu_memory(shape_name, dtype_name, measured, args) if measured else ({}, None)
         for row in rows:
             if "fwdbwd_ms" in row:
                 row["extra_mib"] = values.get(row["backend"])

@@ -15,6 +15,7 @@ backward, which then skips the recompute (a GEMM and a noise draw); see `_Kept`.
 from __future__ import annotations
 
 import collections
+import math
 import threading
 
 import numpy as np
@@ -67,6 +68,24 @@ def _chunk_logits(s, estimator, tau, seed, row_start):
     n, heads, bins = s.shape
     z = gumbel_noise(seed, n, heads, bins, row_start, device=s.device, dtype=s.dtype).add_(s)
     return z if tau == 1.0 else z.div_(tau)
+
+
+# On the CPU, torch.exp leaves its vector path wherever a result falls below the normal range, and
+# products of such subnormal results (the backward's delta) are as slow: about 50x per element. The
+# far bins of "distance" logits (the age experiment's) are all there. So on the CPU a logit's weight
+# is taken at no less than e^-64 = 1.6e-28 of its row's largest one: 2^68 times below float32's
+# resolution of the row's sum, far enough above 2^-126 that the backward's products stay normal.
+# A logit of -inf (a bin masked by its bias) still weighs exactly 0. GPUs have no such slow path.
+_EXP_FLOOR = -64.0
+
+
+def _exp_(shifted: torch.Tensor) -> torch.Tensor:
+    """exp, in place, of logits minus their row's max or lse (so <= 0 up to rounding)."""
+    if not shifted.is_cpu:
+        return shifted.exp_()
+    masked = torch.isneginf(shifted) if shifted.amin() == -math.inf else None  # rare: check first
+    weights = shifted.clamp_(min=_EXP_FLOOR).exp_()
+    return weights if masked is None else weights.masked_fill_(masked, 0.0)
 
 
 def _projected(dictionary, similarity, dtype) -> _Projected:
@@ -141,14 +160,17 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
         scale = row_scale(r, similarity)
         s = _chunk_similarity(r, scale, proj)
         z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
-        lse[start:stop] = chunk_lse = torch.logsumexp(z, dim=-1)
+        peak = z.amax(dim=-1, keepdim=True)
+        weights = _exp_(z - peak)  # the softmax's numerators
+        total = weights.sum(dim=-1)
+        lse[start:stop] = chunk_lse = peak.squeeze(-1) + total.log()
         if key is not None:  # one chunk: this is the whole batch
             _kept.put(key, (features.clone(), scale, s, z))
         if estimator == "gumbel_hard":
             winners = z.argmax(dim=-1)  # ties go to the lowest bin, as torch.argmax documents
             histogram.scatter_add_(1, winners.T, torch.ones_like(winners.T, dtype=dtype))
         else:
-            histogram += torch.exp(z - chunk_lse[:, :, None]).sum(dim=0)
+            histogram += weights.div_(total[:, :, None]).sum(dim=0)
         # A row with a non-finite logit has a non-finite lse: poison every bin, not just some
         # (an argmax or a softmax would otherwise turn it into plausible numbers).
         histogram += torch.where(torch.isfinite(chunk_lse).all(), 0.0, torch.nan)
@@ -176,7 +198,7 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
             scale = row_scale(r, similarity)
             s = _chunk_similarity(r, scale, proj)
             z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
-        y = torch.exp(z - lse[start:stop, :, None])
+        y = _exp_(z - lse[start:stop, :, None])
         expected = (y * grad).sum(dim=-1, keepdim=True)
         delta = y.mul_(grad - expected).div_(rows * tau)  # y is not needed again
         delta_rows = delta.view(stop - start, -1)
