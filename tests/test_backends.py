@@ -209,6 +209,52 @@ def test_chunked_backend_crosses_chunks(monkeypatch):
             check_against_oracle("torch", problem)
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_torch_backend_far_bins_of_the_age_experiment(estimator, monkeypatch):
+    # The age experiment's term (distance, bins at 1..100, features spread over them): most
+    # logits lie hundreds to thousands below their row's max, where the torch backend floors the
+    # softmax weights at e^-64 of the max (CPU speed, see chunked._EXP_FLOOR). In float64, the
+    # same code without the floor must give the same histogram to within e^-64 per bin and the
+    # same gradient to within 1e-24 (the floor's own bound), up to rounding; a floor at e^-40
+    # fails for every estimator.
+    from fierce_ext.backends import chunked
+
+    gen = torch.Generator().manual_seed(8)
+    features = 50.5 + 16.5 * torch.randn(128, 1, generator=gen, dtype=torch.float64)
+    dictionary = fierce_ext.bin_dictionary(100, 1.0, 100.0, dtype=torch.float64)
+    grad_histogram = torch.randn(1, 100, generator=gen, dtype=torch.float64)
+
+    def run():
+        x = features.clone().requires_grad_(True)
+        hist = fierce_ext.histogram(x, dictionary, similarity="distance", estimator=estimator,
+                                    seed=4, backend="torch")
+        (hist * grad_histogram).sum().backward()
+        return hist.detach(), x.grad
+
+    hist, grad = run()
+    monkeypatch.setattr(chunked, "_EXP_FLOOR", -math.inf)
+    want_hist, want_grad = run()
+    assert (want_hist > 0.005).sum() > 20  # the batch spans the bins
+    if estimator != "gumbel_hard":  # and some bins get less than the floor
+        assert (want_hist < math.exp(-64)).any()
+    torch.testing.assert_close(hist, want_hist, rtol=1e-15, atol=math.exp(-64))
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-24)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_torch_backend_masked_bins_weigh_nothing(estimator):
+    # A bin whose logit is -inf (here: an atom at -inf, dot similarity) weighs exactly 0, not
+    # the floor e^-64, and the rows stay finite. (Its gradient is NaN: 0 * inf in delta . v.)
+    features = torch.tensor([[1.0, 2.0], [0.5, -1.0], [2.0, 0.25]], dtype=torch.float64)
+    dictionary = torch.rand(1, 2, 20, generator=torch.Generator().manual_seed(17),
+                            dtype=torch.float64)
+    dictionary[0, 0, :5], dictionary[0, 1, :5] = -math.inf, 0.0
+    hist = fierce_ext.histogram(features, dictionary, similarity="dot", estimator=estimator,
+                                seed=5, backend="torch")
+    assert (hist[0, :5] == 0).all() and (hist[0, 5:] > 0).any()
+    torch.testing.assert_close(hist.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_chunked_backward_with_and_without_the_kept_logits(similarity, estimator, monkeypatch):
