@@ -374,13 +374,35 @@ def test_minus_inf_logits_do_not_poison(tiles, estimator):
 
 # ------------------------------------------------------------------------ fused entropy
 
+def test_reduce_grids_give_the_same_histogram(tiles, monkeypatch):
+    features, dictionary, _ = make_problem(45, 7, 3, 37, dtype=torch.float32, seed=5)
+    args = (features, dictionary, "dot", "gumbel_soft", 0.9, 17, 0)
+    one_program, _ = ft.histogram_forward(*args)
+    monkeypatch.setattr(ft, "REDUCE_ONE_PROGRAM_ENTRIES", 0)
+    per_tile, _ = ft.histogram_forward(*args)
+    assert torch.equal(one_program, per_tile)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_fused_entropy_matches_the_entropy_formulas(tiles, dtype, estimator, reduction):
+    # Small problems: the reduce kernel, as one program, writes the entropy.
+    check_fused_entropy(dtype, estimator, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_entropy_after_a_per_tile_reduce(tiles, monkeypatch, reduction):
+    # Larger problems: one reduce program per (head, bin tile), then the entropy kernel.
+    monkeypatch.setattr(ft, "REDUCE_ONE_PROGRAM_ENTRIES", 0)
+    check_fused_entropy(torch.float32, "gumbel_soft", reduction)
+
+
+def check_fused_entropy(dtype, estimator, reduction):
     # entropy_forward: the histogram of histogram_forward (same bits) and backends.entropy_bits
-    # of it; entropy_backward: histogram_backward's gradient for
-    # dL/dp = entropy_bits_backward(dL/dH). 16-bin tiles: the entropy kernels loop over tiles.
+    # of it; entropy_backward (the softmax kernel forming dL/dp from dL/dH): histogram_backward's
+    # gradient for dL/dp = entropy_bits_backward(dL/dH). 16-bin tiles: the kernels loop over
+    # tiles.
     features, dictionary, _ = make_problem(45, 7, 3, 37, dtype=dtype, seed=3)
     args = (features, dictionary, "cosine", estimator, 0.8, 99, 4)
     entropy, histogram, lse = ft.entropy_forward(*args, reduction)

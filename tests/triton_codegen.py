@@ -152,7 +152,8 @@ def compile_case(shape, dtype, precision, similarity, estimator):
     features = torch.empty(rows, dim, dtype=DTYPES[dtype], device="meta")
     dictionary = torch.empty(heads, dim, bins, device="meta")
     fused_triton.FP32_PRECISION = precision
-    # The entropy pair launches the histogram kernels and the entropy kernels after them.
+    # The entropy pair: the histogram kernels with the entropy in the reduce kernel (small
+    # problems) or in the entropy kernel after it; the backward's softmax kernel forming dL/dp.
     entropy, histogram, lse = fused_triton.entropy_forward(features, dictionary, similarity,
                                                            estimator, 1.0, 12345, 0, "mean")
     grad = torch.empty(heads, bins, device="meta")
@@ -171,7 +172,7 @@ def install_compile_only(arch: int) -> list:
     driver.set_active(CompileOnlyDriver(arch))
     compiled: list = []
     for name in ("_forward_kernel", "_reduce_kernel", "_entropy_kernel", "_softmax_kernel",
-                 "_grad_kernel", "_entropy_grad_kernel", "noise_words_kernel"):
+                 "_grad_kernel", "noise_words_kernel"):
         setattr(fused_triton, name, Recorder(getattr(fused_triton, name), compiled))
     fused_triton.unavailable_reason = lambda device: None  # meta tensors stand in for CUDA ones
     fused_triton._multiprocessors = lambda device: 132  # H100/H200 SXM

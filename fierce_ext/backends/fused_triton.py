@@ -9,7 +9,10 @@ For each block of rows it computes the logits tile by tile over the bins,
 keeps a running max, argmax and sum of exponentials over the bin tiles (online log-sum-exp), then
 adds the block's column sums of the one-hot argmax (`gumbel_hard`) or of y = exp(z - lse) (a
 second pass over the bins, after the final lse is known) to the program's partial histogram.
-`_reduce_kernel` sums the partials in a fixed order and divides by B. Only lse (B, C), the
+`_reduce_kernel` sums the partials in a fixed order and divides by B. For `entropy_forward` it
+also writes the entropy where it runs as one program (P x C x K <= REDUCE_ONE_PROGRAM_ENTRIES
+partial entries, as at the paper's sizes); above that `_entropy_kernel` follows, a third launch.
+Only lse (B, C), the
 partials (min(ceil(B / BLOCK_B), MAX_ROW_PROGRAMS), C, K) and the histogram are written: never a
 B x C x K tensor. NaN poisoning: a row whose lse is not finite (its logits hold a NaN or +inf,
 or are all -inf) makes the whole histogram NaN, for every estimator; such rows get a non-finite
@@ -27,7 +30,8 @@ writes y to a scratch (chunk x C x K in the dot dtype, at most SCRATCH_FRACTION 
 gradient's bytes or SCRATCH_MIN_BYTES) while summing e, then rewrites its own, still L2-resident
 tiles as y (G - e); `_grad_kernel` is a tiled GEMM of that scratch with the projected dictionary
 whose epilogue applies a_b, 1 / (B tau) and the cosine correction, writing each gradient element
-exactly once, in the features' dtype.
+exactly once, in the features' dtype. For `entropy_backward` the softmax kernel forms
+G = dL/dp from dL/dH and the histogram itself, tile by tile (`_bins_grad`): no launch for it.
 
 Precision: float32 features multiply in TF32 on the tensor cores by default. At each call,
 `fused_triton.FP32_PRECISION` chooses if set, else the environment variable
@@ -75,6 +79,11 @@ FP32_PRECISION: str | None = None
 # but at least SCRATCH_MIN_BYTES (so small gradients still run in one chunk).
 SCRATCH_FRACTION = 0.125
 SCRATCH_MIN_BYTES = 16 * 2**20
+
+# Partial-histogram entries (programs x C x K) up to which the reduce kernel runs as one program,
+# which then also writes the entropy (one launch fewer: at the paper's sizes, launches are most
+# of a step); it reads at most 32 KiB of float32 partials.
+REDUCE_ONE_PROGRAM_ENTRIES = 8192
 
 # Programs along the rows in the forward: each sums its share of row blocks into one partial
 # histogram, so the partials take at most MAX_ROW_PROGRAMS x C x K, whatever B. A constant (not
@@ -228,29 +237,63 @@ def _forward_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
     tl.store(bad_ptr + pid_b * C + h, tl.sum(bad, axis=0))
 
 
-@_jit(do_not_specialize=["B", "num_partials"])
-def _reduce_kernel(part_ptr, bad_ptr, hist_ptr, B, num_partials, C, K,
-                   ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """histogram[h, k] = sum of the partial histograms (in order) / B; all NaN if any row of
-    any head has a non-finite lse (the package's rule: such a row makes the histogram NaN)."""
-    h = tl.program_id(0)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = ks < K
-    acc = tl.zeros((BLOCK_N, BLOCK_K), ACC)
+@_jit()
+def _poisoned(bad_ptr, count, BLOCK_N: tl.constexpr):
+    """Whether any of the forward kernel's `count` per-(program, head) flags is set: some row of
+    some head has a non-finite lse."""
     bad = tl.zeros((BLOCK_N,), tl.int32)
-    for i0 in range(0, num_partials, BLOCK_N):
-        blocks = i0 + tl.arange(0, BLOCK_N)
-        b_mask = blocks < num_partials
-        acc += tl.load(part_ptr + (blocks.to(tl.int64)[:, None] * C + h) * K + ks[None, :],
-                       mask=b_mask[:, None] & k_mask[None, :], other=0.0)
-    for i0 in range(0, num_partials * C, BLOCK_N):
+    for i0 in range(0, count, BLOCK_N):
         flat = i0 + tl.arange(0, BLOCK_N)
-        bad += tl.load(bad_ptr + flat, mask=flat < num_partials * C, other=0)
-    column = tl.sum(acc, axis=0) / B
-    # NaN written in the kernel: a NaN global constexpr never equals itself, which Triton's
-    # launcher takes for a global changed since compilation (an error at every launch).
-    column = tl.where(tl.sum(bad, axis=0) > 0, float("nan"), column)
-    tl.store(hist_ptr + h * K + ks, column, mask=k_mask)
+        bad += tl.load(bad_ptr + flat, mask=flat < count, other=0)
+    return tl.sum(bad, axis=0) > 0
+
+
+@_jit()
+def _entropy_terms(p):
+    """p log2(p + eps): the summands of -H (backends.entropy_bits); 0 for p = 0."""
+    return p * tl.log2(p + _ENTROPY_EPS)
+
+
+@_jit(do_not_specialize=["B", "num_partials"])
+def _reduce_kernel(part_ptr, bad_ptr, hist_ptr, entropy_ptr, B, num_partials, C, K,
+                   ACC: tl.constexpr, ENTROPY: tl.constexpr, MEAN: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """histogram[h, k] = sum of the partial histograms (in order) / B; all NaN if any row of
+    any head has a non-finite lse (the package's rule: such a row makes the histogram NaN).
+
+    Grid-stride over heads and bin tiles: a (C, ceil(K / BLOCK_K)) grid gives each program one
+    tile; one program does them all (small problems, one launch fewer), and only then may
+    ENTROPY also write the entropy, as _entropy_kernel would. The tiles are the same either
+    way, so the histogram's bits are too."""
+    poisoned = _poisoned(bad_ptr, num_partials * C, BLOCK_N)
+    total = tl.zeros((), ACC)
+    for h in range(tl.program_id(0), C, tl.num_programs(0)):
+        terms = tl.zeros((BLOCK_K,), ACC)
+        for k0 in range(tl.program_id(1) * BLOCK_K, K, tl.num_programs(1) * BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < K
+            acc = tl.zeros((BLOCK_N, BLOCK_K), ACC)
+            for i0 in range(0, num_partials, BLOCK_N):
+                blocks = i0 + tl.arange(0, BLOCK_N)
+                acc += tl.load(part_ptr + (blocks.to(tl.int64)[:, None] * C + h) * K
+                               + ks[None, :],
+                               mask=(blocks < num_partials)[:, None] & k_mask[None, :],
+                               other=0.0)
+            column = tl.sum(acc, axis=0) / B
+            # NaN written in the kernel: a NaN global constexpr never equals itself, which
+            # Triton's launcher takes for a global changed since compilation (an error at every
+            # launch).
+            column = tl.where(poisoned, float("nan"), column)
+            tl.store(hist_ptr + h * K + ks, column, mask=k_mask)
+            if ENTROPY:
+                terms += tl.where(k_mask, _entropy_terms(column), 0.0)
+        if ENTROPY:
+            value = -tl.sum(terms, axis=0)
+            total += value
+            if not MEAN:
+                tl.store(entropy_ptr + h, value)
+    if ENTROPY and MEAN:
+        tl.store(entropy_ptr, total / C)
 
 
 @_jit()
@@ -260,12 +303,11 @@ def _entropy_kernel(hist_ptr, out_ptr, C, K, ACC: tl.constexpr, MEAN: tl.constex
     mean into out[0]; one program, fixed order."""
     total = tl.zeros((), ACC)
     for h in range(0, C):
-        part = tl.zeros((BLOCK_K,), ACC)
+        terms = tl.zeros((BLOCK_K,), ACC)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            p = tl.load(hist_ptr + h * K + ks, mask=ks < K, other=0.0)
-            part += p * tl.log2(p + _ENTROPY_EPS)
-        value = -tl.sum(part, axis=0)
+            terms += _entropy_terms(tl.load(hist_ptr + h * K + ks, mask=ks < K, other=0.0))
+        value = -tl.sum(terms, axis=0)
         total += value
         if not MEAN:
             tl.store(out_ptr + h, value)
@@ -285,36 +327,44 @@ def _entropy_slope(hist_ptr, ks, K, weight):
 
 
 @_jit()
-def _entropy_grad_kernel(grad_entropy_ptr, hist_ptr, grad_ptr, C, K, ACC: tl.constexpr,
-                         MEAN: tl.constexpr, BLOCK_K: tl.constexpr):
-    """For head h (one program): G = dL/dp from dL/dH (backends.entropy_bits_backward),
-    -w (log2(p + eps) + p / ((p + eps) ln 2)), written centred (G minus its mean over k), the
-    form the backward kernels take."""
-    h = tl.program_id(0)
-    if MEAN:
-        weight = tl.load(grad_entropy_ptr).to(ACC) / C
-    else:
-        weight = tl.load(grad_entropy_ptr + h).to(ACC)
-    part = tl.zeros((BLOCK_K,), ACC)
-    for k0 in range(0, K, BLOCK_K):  # pass 1: the mean of G over the bins
-        part += _entropy_slope(hist_ptr + h * K, k0 + tl.arange(0, BLOCK_K), K, weight)
-    mean = tl.sum(part, axis=0) / K
-    for k0 in range(0, K, BLOCK_K):  # pass 2: G - mean, recomputed (cheaper than a scratch)
-        ks = k0 + tl.arange(0, BLOCK_K)
-        g = _entropy_slope(hist_ptr + h * K, ks, K, weight)
-        tl.store(grad_ptr + h * K + ks, g - mean, mask=ks < K)
+def _bins_grad_setup(grad_ptr, grad_entropy_ptr, weight_stride, weight_divisor, h, K,
+                     ACC: tl.constexpr, FROM_ENTROPY: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(w, mean) for _bins_grad: with FROM_ENTROPY, head h's weight, dL/dH[h * weight_stride] /
+    weight_divisor (reduction "mean": stride 0, divisor C; "none": 1, 1), and the mean over the
+    bins of its slope, recomputed by every program in one fixed order (the same bits in each);
+    otherwise unused zeros."""
+    if FROM_ENTROPY:
+        weight = tl.load(grad_entropy_ptr + h * weight_stride).to(ACC) / weight_divisor
+        part = tl.zeros((BLOCK_K,), ACC)
+        for k0 in range(0, K, BLOCK_K):
+            part += _entropy_slope(grad_ptr + h * K, k0 + tl.arange(0, BLOCK_K), K, weight)
+        return weight, tl.sum(part, axis=0) / K
+    return tl.zeros((), ACC), tl.zeros((), ACC)
 
 
-@_jit(do_not_specialize=["row_start", "row_stop", "seed_lo", "seed_hi", "row_offset"])
+@_jit()
+def _bins_grad(grad_ptr, h, ks, K, weight, mean, FROM_ENTROPY: tl.constexpr):
+    """G[h, ks] = dL/dp, centred per head (0 beyond K). grad_ptr is G itself (centred by the
+    launcher) or, with FROM_ENTROPY, the histogram: G is then the entropy's slope
+    (backends.entropy_bits_backward) minus its mean, formed here instead of in a launch of its
+    own."""
+    if FROM_ENTROPY:
+        return tl.where(ks < K, _entropy_slope(grad_ptr + h * K, ks, K, weight) - mean, 0.0)
+    return tl.load(grad_ptr + h * K + ks, mask=ks < K, other=0.0)
+
+
+@_jit(do_not_specialize=["weight_stride", "weight_divisor", "row_start", "row_stop", "seed_lo",
+                         "seed_hi", "row_offset"])
 def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr, grad_ptr,
-                    delta_ptr, ld_delta, t_ptr, scale_ptr, row_start, row_stop, D, K, C,
-                    tau_hi, tau_lo, seed_lo, seed_hi, row_offset,
-                    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                    ROUND_TF32: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, NOISE: tl.constexpr,
+                    grad_entropy_ptr, weight_stride, weight_divisor, delta_ptr, ld_delta, t_ptr,
+                    scale_ptr, row_start, row_stop, D, K, C, tau_hi, tau_lo, seed_lo, seed_hi,
+                    row_offset, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                    ROUND_TF32: tl.constexpr, HAS_SCALE: tl.constexpr, NOISE: tl.constexpr,
+                    FROM_ENTROPY: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """For rows [row_start, row_stop) and head h, into the chunk's scratch: y (G - e) with
-    y = exp(z - lse) and e = sum_k y G; for cosine also t = sum_k y (G - e) s and a_b."""
+    y = exp(z - lse) and e = sum_k y G; for cosine also t = sum_k y (G - e) s and a_b. G comes
+    from grad_ptr, or with FROM_ENTROPY from the histogram and dL/dH (see _bins_grad)."""
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
     rows = row_start + pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -328,6 +378,8 @@ def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
     else:
         scale = tl.full((BLOCK_B,), 1.0, ACC)
     lse = tl.load(lse_ptr + rows * C + h, mask=row_mask, other=0.0)
+    weight, mean = _bins_grad_setup(grad_ptr, grad_entropy_ptr, weight_stride, weight_divisor, h,
+                                    K, ACC, FROM_ENTROPY, BLOCK_K)
     e = tl.zeros((BLOCK_B,), ACC)
     gs = tl.zeros((BLOCK_B,), ACC)
     ys = tl.zeros((BLOCK_B,), ACC)
@@ -341,7 +393,7 @@ def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
                             BLOCK_K, BLOCK_D)
         mask = row_mask[:, None] & k_mask[None, :]
         y = tl.where(mask, tl.exp(z - lse[:, None]), 0.0)
-        g = tl.load(grad_ptr + h * K + ks, mask=k_mask, other=0.0)
+        g = _bins_grad(grad_ptr, h, ks, K, weight, mean, FROM_ENTROPY)
         yg = y * g[None, :]
         e += tl.sum(yg, axis=1)
         if HAS_SCALE:
@@ -350,7 +402,7 @@ def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
         tl.store(delta_ptr + local[:, None] * ld_delta + (h * K + ks)[None, :], y.to(DOT),
                  mask=mask)
     if HAS_SCALE:
-        # G is centred per head by the launcher, which keeps this difference well conditioned.
+        # G is centred per head (_bins_grad), which keeps this difference well conditioned.
         tl.store(t_ptr + rows * C + h, gs - e * ys, mask=row_mask)
     # Pass 2: y -> y (G - e) in place. The tiles were just written by this program (still in
     # L2); the barrier makes other threads' stores visible before they are read back.
@@ -361,7 +413,7 @@ def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
         mask = row_mask[:, None] & k_mask[None, :]
         pointers = delta_ptr + local[:, None] * ld_delta + (h * K + ks)[None, :]
         y = tl.load(pointers, mask=mask, other=0.0).to(ACC)
-        g = tl.load(grad_ptr + h * K + ks, mask=k_mask, other=0.0)
+        g = _bins_grad(grad_ptr, h, ks, K, weight, mean, FROM_ENTROPY)
         delta = (y * (g[None, :] - e[:, None])).to(DOT)
         if ROUND_TF32:  # the GEMM's operand, exactly representable in TF32
             delta = _round_to_tf32(delta)
@@ -600,6 +652,15 @@ def _prepare(features, dictionary, similarity, estimator):
 
 
 def histogram_forward(features, dictionary, similarity, estimator, tau, seed, row_offset):
+    histogram, lse, _ = _forward(features, dictionary, similarity, estimator, tau, seed,
+                                 row_offset, reduction=None)
+    return histogram, lse
+
+
+def _forward(features, dictionary, similarity, estimator, tau, seed, row_offset, reduction):
+    """(histogram, lse, entropy): the forward and reduce kernels; with a `reduction`, the reduce
+    kernel also writes the entropy where it runs as one program (small problems), otherwise
+    `_entropy_kernel` does, after it. Without one, entropy is None."""
     compute, dot_dtype, precision, round_tf32, proj = _prepare(
         features, dictionary, similarity, estimator)
     rows, dim = features.shape
@@ -612,9 +673,19 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
     partial = torch.empty(programs, heads, bins, dtype=compute, device=device)
     bad = torch.empty(programs, heads, dtype=torch.int32, device=device)
     histogram = torch.empty(heads, bins, dtype=compute, device=device)
+    mean = reduction == "mean"
+    entropy = None if reduction is None else histogram.new_empty(() if mean else (heads,))
     tau_hi, tau_lo = _split_float(tau)
     seed_lo, seed_hi = _seed_words(seed)
     acc, hard = _TL_DTYPES[compute], estimator == "gumbel_hard"
+    if _interpreting():
+        cap = INTERPRETER_MAX_BLOCK
+        reduce_blocks = dict(BLOCK_N=_pow2(programs, 16, cap["rows"]),
+                             BLOCK_K=_pow2(bins, 16, cap["bins"]))
+    else:
+        reduce_blocks = dict(BLOCK_N=32, BLOCK_K=_pow2(bins, 16, 128))
+    one_program = programs * heads * bins <= REDUCE_ONE_PROGRAM_ENTRIES
+    reduce_grid = (1, 1) if one_program else (heads, _cdiv(bins, reduce_blocks["BLOCK_K"]))
     with _device_guard(device):
         _forward_kernel[(programs, heads)](
             features, features.stride(0), features.stride(1), proj.vt, proj.vt.stride(0),
@@ -622,15 +693,14 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
             seed_lo, seed_hi, row_offset, ACC=acc, DOT=_TL_DTYPES[dot_dtype],
             PRECISION=precision, ROUND_TF32=round_tf32, HAS_SCALE=similarity == "cosine",
             NOISE=estimator != "softmax", HARD=hard, **blocks, **launch)
-        if _interpreting():
-            cap = INTERPRETER_MAX_BLOCK
-            reduce_blocks = dict(BLOCK_N=_pow2(programs, 16, cap["rows"]),
-                                 BLOCK_K=_pow2(bins, 16, cap["bins"]))
-        else:
-            reduce_blocks = dict(BLOCK_N=32, BLOCK_K=_pow2(bins, 16, 128))
-        _reduce_kernel[(heads, _cdiv(bins, reduce_blocks["BLOCK_K"]))](
-            partial, bad, histogram, rows, programs, heads, bins, ACC=acc, **reduce_blocks)
-    return histogram, lse
+        _reduce_kernel[reduce_grid](
+            partial, bad, histogram, histogram if entropy is None else entropy, rows, programs,
+            heads, bins, ACC=acc, ENTROPY=entropy is not None and one_program, MEAN=mean,
+            **reduce_blocks)
+        if entropy is not None and not one_program:
+            _entropy_kernel[(1,)](histogram, entropy, heads, bins, ACC=acc, MEAN=mean,
+                                  BLOCK_K=_entropy_block(bins))
+    return histogram, lse, entropy
 
 
 def _chunk_rows(rows, heads, bins, dim, dot_dtype, out_dtype, align):
@@ -653,8 +723,11 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
     return _backward(prepared, grad, features, lse, similarity, estimator, tau, seed, row_offset)
 
 
-def _backward(prepared, grad, features, lse, similarity, estimator, tau, seed, row_offset):
-    """The gradient for the centred dL/dp `grad` (C, K) in the compute dtype."""
+def _backward(prepared, grad, features, lse, similarity, estimator, tau, seed, row_offset,
+              grad_entropy=None, reduction=None):
+    """The gradient for the centred dL/dp `grad` (C, K) in the compute dtype, or, given
+    `grad_entropy` (dL/dH) and its `reduction`, for the entropy of the histogram `grad`: the
+    softmax kernel then forms dL/dp itself (_bins_grad)."""
     compute, dot_dtype, precision, round_tf32, proj = prepared
     rows, dim = features.shape
     heads, bins = proj.heads, proj.bins
@@ -675,15 +748,18 @@ def _backward(prepared, grad, features, lse, similarity, estimator, tau, seed, r
     inv_hi, inv_lo = _split_float(1.0 / (rows * tau))
     seed_lo, seed_hi = _seed_words(seed)
     acc, dot = _TL_DTYPES[compute], _TL_DTYPES[dot_dtype]
+    # dL/dH[h * stride] / divisor is head h's weight (runtime ints: one compiled kernel for both).
+    weight_rule = (0, heads) if reduction == "mean" else (1, 1)
     with _device_guard(device):
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             _softmax_kernel[(_cdiv(stop - start, fwd_blocks["BLOCK_B"]), heads)](
                 features, features.stride(0), features.stride(1), proj.vt, proj.vt.stride(0),
-                proj.bias, lse, grad, delta, delta.stride(0), t, scale, start, stop, dim, bins,
-                heads, tau_hi, tau_lo, seed_lo, seed_hi, row_offset, ACC=acc, DOT=dot,
+                proj.bias, lse, grad, grad if grad_entropy is None else grad_entropy,
+                *weight_rule, delta, delta.stride(0), t, scale, start, stop, dim, bins, heads,
+                tau_hi, tau_lo, seed_lo, seed_hi, row_offset, ACC=acc, DOT=dot,
                 PRECISION=precision, ROUND_TF32=round_tf32, HAS_SCALE=cosine,
-                NOISE=estimator != "softmax",
+                NOISE=estimator != "softmax", FROM_ENTROPY=grad_entropy is not None,
                 **fwd_blocks, **fwd_launch)
             grid = (_cdiv(stop - start, grad_blocks["BLOCK_M"]),
                     _cdiv(dim, grad_blocks["BLOCK_N"]))
@@ -703,14 +779,8 @@ def _entropy_block(bins: int) -> int:
 
 def entropy_forward(features, dictionary, similarity, estimator, tau, seed, row_offset,
                     reduction):
-    histogram, lse = histogram_forward(features, dictionary, similarity, estimator, tau, seed,
-                                       row_offset)
-    heads, bins = histogram.shape
-    mean = reduction == "mean"
-    entropy = histogram.new_empty(() if mean else (heads,))
-    with _device_guard(histogram.device):
-        _entropy_kernel[(1,)](histogram, entropy, heads, bins, ACC=_TL_DTYPES[histogram.dtype],
-                              MEAN=mean, BLOCK_K=_entropy_block(bins))
+    histogram, lse, entropy = _forward(features, dictionary, similarity, estimator, tau, seed,
+                                       row_offset, reduction)
     return entropy, histogram, lse
 
 
@@ -718,14 +788,9 @@ def entropy_backward(grad_entropy, histogram, features, dictionary, lse, similar
                      tau, seed, row_offset, reduction):
     prepared = _prepare(features, dictionary, similarity, estimator)
     compute = prepared[0]
-    histogram = histogram.to(compute).contiguous()
-    heads, bins = histogram.shape
-    grad = torch.empty_like(histogram)
-    with _device_guard(histogram.device):
-        _entropy_grad_kernel[(heads,)](grad_entropy.to(compute).contiguous(), histogram, grad,
-                                       heads, bins, ACC=_TL_DTYPES[compute],
-                                       MEAN=reduction == "mean", BLOCK_K=_entropy_block(bins))
-    return _backward(prepared, grad, features, lse, similarity, estimator, tau, seed, row_offset)
+    return _backward(prepared, histogram.to(compute).contiguous(), features, lse, similarity,
+                     estimator, tau, seed, row_offset,
+                     grad_entropy=grad_entropy.to(compute).contiguous(), reduction=reduction)
 
 
 def noise_words(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0,
