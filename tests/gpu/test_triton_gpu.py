@@ -389,13 +389,19 @@ def test_public_api_autograd(mode):
 @pytest.mark.parametrize("mode", ["tf32", "bfloat16"], indirect=True)
 @pytest.mark.parametrize("shape", [(256, 640, 1, 100), RAGGED], ids=["few-shot", "ragged"])
 def test_fused_entropy_matches_the_entropy_formulas(mode, shape, reduction):
-    # The entropy kernels after the histogram kernels, and before the backward ones: the
-    # entropy_bits of the histogram, and the gradient of dL/dp = entropy_bits_backward(dL/dH).
-    # (float64 and the tile loops: the interpreter tests; here the compiled kernels.)
+    # The entropy from the one-program reduce kernel (few-shot) or the entropy kernel after a
+    # per-tile reduce (ragged: P x C x K > REDUCE_ONE_PROGRAM_ENTRIES), and the backward's
+    # softmax kernel forming dL/dp: the entropy_bits of the histogram, and the gradient of
+    # dL/dp = entropy_bits_backward(dL/dH). (float64 and the tile loops: the interpreter
+    # tests; here the compiled kernels.)
     _, dtype, _ = mode
     features, dictionary, _ = make_problem(shape, dtype, "cosine", seed=21)
     args = (features, dictionary, "cosine", "gumbel_soft", 0.9, 31, 2)
     entropy, histogram, lse = ft.entropy_forward(*args, reduction)
+    rows, _, heads, bins = shape
+    for block_rows in (32, 64):  # the GPU forward's row blocks, either size, take those paths
+        partials = min(-(-rows // block_rows), ft.MAX_ROW_PROGRAMS) * heads * bins
+        assert ft._interpreting() or (partials > ft.REDUCE_ONE_PROGRAM_ENTRIES) == (shape == RAGGED)
     plain_histogram, plain_lse = ft.histogram_forward(*args)
     assert torch.equal(histogram, plain_histogram) and torch.equal(lse, plain_lse)
     eps = torch.finfo(histogram.dtype).eps
