@@ -83,7 +83,7 @@ def _exp_(shifted: torch.Tensor) -> torch.Tensor:
     """exp, in place, of logits minus their row's max or lse (so <= 0 up to rounding)."""
     if not shifted.is_cpu:
         return shifted.exp_()
-    masked = torch.isneginf(shifted) if shifted.amin() == -math.inf else None  # rare: check first
+    masked = torch.isneginf(shifted) if shifted.amin().item() == -math.inf else None  # rare
     weights = shifted.clamp_(min=_EXP_FLOOR).exp_()
     return weights if masked is None else weights.masked_fill_(masked, 0.0)
 
