@@ -12,11 +12,10 @@ second pass over the bins, after the final lse is known) to the program's partia
 `_reduce_kernel` sums the partials in a fixed order and divides by B. For `entropy_forward` it
 also writes the entropy where it runs as one program (P x C x K <= REDUCE_ONE_PROGRAM_ENTRIES
 partial entries, as at the paper's sizes); above that `_entropy_kernel` follows, a third launch.
-Only lse (B, C), the
-partials (min(ceil(B / BLOCK_B), MAX_ROW_PROGRAMS), C, K) and the histogram are written: never a
-B x C x K tensor. NaN poisoning: a row whose lse is not finite (its logits hold a NaN or +inf,
-or are all -inf) makes the whole histogram NaN, for every estimator; such rows get a non-finite
-gradient row, the other rows' gradients are unaffected.
+Only lse (B, C), the partials (min(ceil(B / BLOCK_B), MAX_ROW_PROGRAMS), C, K) and the
+histogram are written: never a B x C x K tensor. NaN poisoning: a row whose lse is not finite
+(its logits hold a NaN or +inf, or are all -inf) makes the whole histogram NaN, for every
+estimator; such rows get a non-finite gradient row, the other rows' gradients are unaffected.
 
 Backward (two launches per chunk of rows): the gradient is a GEMM whose reduction runs over all
 C * K bins while its output has all D columns, and delta needs a reduction over the bins first:
