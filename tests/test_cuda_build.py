@@ -17,9 +17,10 @@ Two groups of tests:
   skipped with that reason.
 
 Tolerances of the emulated comparisons (kernel vs torch backend, same rounded inputs): float64
-to 1e-12; float32 (exact FMAs) to a few float32 ulps of the logits (the sums run in another
-order); tf32/float16/bfloat16 to the operand rounding (2^-11, 2^-11, 2^-8 relative per product,
-observed errors are 5-10x below the bounds used). Hard histograms must be identical except for
+to 1e-14; float32 (exact FMAs) to a few float32 ulps of the logits (the sums run in another
+order); tf32/float16/bfloat16 to the operand rounding (2^-11, 2^-11, 2^-8 relative per product);
+each bound is 1.5-12x the error measured on these data (MODES), soft histograms relative to
+their largest bin. Hard histograms must be identical except for
 rows whose float64 top-2 logit margin is below the mode's tie tolerance (each such row may move
 one count between two bins); the data are checked to hold few such rows.
 """
@@ -190,14 +191,17 @@ def test_fake_implementations_trace_into_a_graph():
 
 # ============================================================== the kernels, emulated on the CPU
 
-# GemmMode of csrc/fierce.h and the tolerances of the module docstring:
-#   (lse: |d| <= tol (1 + |lse|), soft histogram atol, gradient tol relative to max |grad|)
+# GemmMode of csrc/fierce.h and the tolerances of the module docstring: (lse: |d| <= tol
+# (1 + |lse|), soft histogram: |d| <= tol max p, gradient: tol relative to max |grad|). Measured
+# on these data (every similarity and estimator, the worst): float16 7.8e-5, 6.2e-4, 2.5e-3;
+# bfloat16 9.4e-4, 7.2e-3, 2.7e-2; tf32 1.8e-4, 7.2e-4, 2.5e-3; float32 1.6e-7, 5.1e-7,
+# 1.5e-6; float64 2e-16, 8e-16, 8e-15. The emulation is deterministic, so these hold exactly.
 MODES = {
-    "float16": (0, torch.float16, False, (1e-2, 2e-4, 1e-2)),
-    "bfloat16": (1, torch.bfloat16, False, (6e-2, 2e-3, 4e-2)),
-    "tf32": (2, torch.float32, True, (1e-2, 2e-4, 1e-2)),
-    "float32": (3, torch.float32, False, (2e-5, 1e-6, 2e-5)),
-    "float64": (4, torch.float64, False, (1e-12, 1e-12, 1e-10)),
+    "float16": (0, torch.float16, False, (1e-3, 5e-3, 1e-2)),
+    "bfloat16": (1, torch.bfloat16, False, (6e-3, 4e-2, 4e-2)),
+    "tf32": (2, torch.float32, True, (1.5e-3, 5e-3, 1e-2)),
+    "float32": (3, torch.float32, False, (1e-6, 4e-6, 1e-5)),
+    "float64": (4, torch.float64, False, (1e-14, 1e-14, 1e-13)),
 }
 ESTIMATOR_IDS = {"gumbel_hard": 0, "gumbel_soft": 1, "softmax": 2}
 TILE_ROWS, TILE_DIM = 32, 128  # kTileRows / kTileDim of csrc/fierce.h (workspace shapes)
@@ -385,7 +389,8 @@ def test_emulated_kernels_match_the_torch_backend(emu, mode, similarity, estimat
         assert ties <= max(2, rows * dictionary.shape[0] // 20), "test data too close to ties"
         assert moved <= ties, (moved, ties)
     else:
-        assert (histogram - expected_histogram).abs().max() <= hist_tol
+        assert (histogram - expected_histogram).abs().max() <= \
+            hist_tol * expected_histogram.abs().max()
     torch.testing.assert_close(histogram.sum(dim=1).double(),
                                torch.ones(histogram.shape[0], dtype=torch.float64),
                                atol=1e-5 if dtype != torch.float64 else 1e-12, rtol=0)
