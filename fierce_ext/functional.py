@@ -140,8 +140,10 @@ def default_dictionary(dim: int, bins: int, heads: int, device: torch.device,
                        float64: bool = False) -> Tensor:
     """The dictionary `entropy` uses when none is given: uniform on [-1, 1), seed 0, cached."""
     # Under torch.compile `dim` may be symbolic (dynamic shapes); the dictionary is a constant
-    # of the graph, so specialise on it (a guard, a recompile for a new D; eager: a no-op).
-    dim = guard_scalar(dim)
+    # of the graph, so specialise on it (a guard, a recompile for a new D). Plain ints skip the
+    # call: dynamo before torch 2.5 cannot trace guard_scalar.
+    if not isinstance(dim, int):
+        dim = guard_scalar(dim)
     return _constant_dictionary(dim, bins, heads, torch.device(device), float64)
 
 

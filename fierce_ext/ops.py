@@ -26,8 +26,8 @@ op's body otherwise still runs under the caller's autocast state, and the backen
 would silently drop to bf16/fp16.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.library.custom_op reads the signatures'
+# annotations, and torch < 2.5 cannot read them as strings.
 import contextlib
 
 import torch

@@ -40,3 +40,16 @@ def eager_and_compiled_step(model: nn.Module, criterion: nn.Module, x, target, s
         loss.backward()
         results.append((loss, entropy, gradients(model)))
     return results
+
+
+def entropy_term_moves_the_body(model: Net, criterion: nn.Module, x, target, grads: dict) -> bool:
+    """Whether `grads` (of a FIERCELoss step) differ on the body from the gradients of the
+    criterion's classification part alone: the entropy term then really reaches the body, so a
+    comparison of `grads` covers its gradient."""
+    model.zero_grad()
+    logits, _ = model(x)
+    criterion.criterion(logits, target).backward()
+    classification = gradients(model)
+    model.zero_grad()
+    return any(not torch.allclose(grads[name], classification[name], rtol=1e-3, atol=1e-6)
+               for name in grads if name.startswith("body."))

@@ -13,13 +13,38 @@ IMPORT_ERROR says why.
 
 from __future__ import annotations
 
+import re
+
+# The oldest Triton the kernels are tested with (CI: 3.6.0 and 3.8.0). Triton 3.0.0, which torch
+# 2.4 pins, fails on them: its interpreter rejects tl.zeros of a constexpr block and its sm_90
+# compiler aborts on an MMA-layout assertion.
+MIN_TRITON = (3, 6)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:2])
+
+
+def unsupported_version(module) -> str | None:
+    if _version_tuple(module.__version__) < MIN_TRITON:
+        minimum = ".".join(map(str, MIN_TRITON))
+        return (f"triton {module.__version__} is older than {minimum}, the oldest version the "
+                f"Triton backend supports (pip install 'triton>={minimum}')")
+    return None
+
+
 try:
     import triton
-    import triton.language as tl
-    IMPORT_ERROR = None
+    import triton.language
+    IMPORT_ERROR = unsupported_version(triton)
 except Exception as error:  # ImportError, or a broken install: report it, keep the package usable
     triton = None
     IMPORT_ERROR = f"triton is not importable ({type(error).__name__}: {error})"
+
+if IMPORT_ERROR is None:
+    tl = triton.language
+else:  # the kernels stay plain functions: an old or broken Triton never compiles them
+    triton = None
 
     class _NoTritonLanguage:  # lets the kernel definitions below parse; they are never launched
         @staticmethod
