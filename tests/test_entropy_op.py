@@ -78,9 +78,12 @@ def histograms(draw):
 @given(histogram=histograms(), reduction=st.sampled_from(REDUCTIONS), data=st.data())
 def test_entropy_bits_backward_is_the_derivative_of_entropy_bits(histogram, reduction, data):
     shape = () if reduction == "mean" else histogram.shape[:1]
-    grad_entropy = torch.tensor(data.draw(st.lists(st.floats(-3, 3), min_size=1, max_size=1)
+    # No subnormals: hypothesis refuses to draw them where flush-to-zero is on, and on torch 2.4
+    # a CPU kernel compiled by inductor earlier in the session turns it on for the process.
+    slopes = st.floats(-3, 3, allow_subnormal=False)
+    grad_entropy = torch.tensor(data.draw(st.lists(slopes, min_size=1, max_size=1)
                                           if reduction == "mean" else
-                                          st.lists(st.floats(-3, 3), min_size=shape[0],
+                                          st.lists(slopes, min_size=shape[0],
                                                    max_size=shape[0])),
                                 dtype=histogram.dtype).reshape(shape)
     leaf = histogram.clone().requires_grad_()
