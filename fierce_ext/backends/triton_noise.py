@@ -25,7 +25,8 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:2])
 
 
-def unsupported_version(module) -> str | None:
+def _unsupported_version(module) -> str | None:
+    """Why this Triton cannot serve the backend (too old), or None."""
     if _version_tuple(module.__version__) < MIN_TRITON:
         minimum = ".".join(map(str, MIN_TRITON))
         return (f"triton {module.__version__} is older than {minimum}, the oldest version the "
@@ -36,7 +37,7 @@ def unsupported_version(module) -> str | None:
 try:
     import triton
     import triton.language
-    IMPORT_ERROR = unsupported_version(triton)
+    IMPORT_ERROR = _unsupported_version(triton)
 except Exception as error:  # ImportError, or a broken install: report it, keep the package usable
     triton = None
     IMPORT_ERROR = f"triton is not importable ({type(error).__name__}: {error})"
