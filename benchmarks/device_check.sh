@@ -10,11 +10,14 @@
 # 2. `python -m fierce_ext` (versions, devices, which backends run where);
 # 3. `pytest -x -q` of the kernel test modules (tests/gpu/test_triton_gpu.py, test_cuda_gpu.py),
 #    sharded over FIERCE_CHECK_SHARDS (default 8) processes by benchmarks/pytest_shards.sh;
+#    each comparison's measured error and asserted bound go to $OUT/device_check/measured/
+#    (tests/measured_errors.py), the data for tightening the tolerances, failed tests included;
 # 4. `benchmarks/entropy_kernel.py` on the DESIGN.md shapes in fp32 and bf16, every backend but
 #    the paper's torch.compile; `benchmarks/host_overhead.py` (the host-side floor of an eager
 #    step); then tests/gpu/test_integration_gpu.py (opcheck, a compiled training step, autocast)
 #    and, time permitting, the compiled paper code;
-# 5. a summary: each step's status and time, then a short fwd+bwd table, printed last.
+# 5. a summary: each step's status and time, the worst measured error / bound per test, mode
+#    and quantity, then a short fwd+bwd table, printed last.
 #
 # Results and logs go under $OUT (if set) or benchmarks/results/. Every step has a timeout and
 # the script goes on after a failure; it exits non-zero if any step failed. The whole run is
@@ -106,6 +109,9 @@ step info 40 "$python" -m fierce_ext
 # FIERCE_CHECK_SHARDS concurrent pytest processes: a first run is mostly Triton compiling kernel
 # variants, one at a time per process.
 shards=${FIERCE_CHECK_SHARDS:-8}
+measured="$logs/measured"
+rm -rf "$measured"
+export FIERCE_MEASURED_ERRORS=$measured
 # shellcheck disable=SC2086
 step gpu-tests 120 env PYTHON="$python" bash benchmarks/pytest_shards.sh "$shards" \
     tests/gpu/test_triton_gpu.py tests/gpu/test_cuda_gpu.py -- ${FIERCE_CHECK_PYTEST_ARGS:--x -q}
@@ -134,6 +140,10 @@ fi
 # 5. Summary, printed last.
 echo
 echo "=== summary ($((SECONDS - start)) s; logs in $logs)"
+if [[ -d $measured ]]; then
+    "$python" tests/measured_errors.py "$measured" 2>&1 | tee "$logs/measured-errors.txt"
+    echo
+fi
 "$python" - "$out/bench" "$out/bench-compiled" <<'EOF' 2>&1
 import json, sys
 from pathlib import Path

@@ -1,0 +1,83 @@
+"""What the GPU tests measured: each comparison's error beside the bound it asserts.
+
+A GPU session is rare and short, and the first one must also say how tight each tolerance can be.
+`record(quantity, error, bound)` notes one comparison of the running test (call it before the
+assert, so a failing test leaves its numbers too). Where FIERCE_MEASURED_ERRORS names a folder
+(benchmarks/device_check.sh sets it), every process appends its records to its own JSON-lines file
+there, one line per call, flushed at once: a failed, timed-out or killed run keeps what it
+measured. Without the variable, `record` does nothing.
+
+    python tests/measured_errors.py FOLDER    # worst error / bound per test, mode and quantity
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+FOLDER_ENV = "FIERCE_MEASURED_ERRORS"
+# The modes the GPU modules parametrise over, as they appear in test ids ([tf32-dot-softmax]).
+MODES = ("float16", "bfloat16", "tf32", "float32", "float64")
+
+
+def record(quantity: str, error: float, bound: float, mode: str | None = None) -> None:
+    """Note that the running test measured `error` for `quantity` and asserts error <= bound.
+    `mode` names the precision mode where the test id does not."""
+    folder = os.environ.get(FOLDER_ENV)
+    if not folder:
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
+    line = json.dumps({"test": test, "mode": mode, "quantity": quantity,
+                       "error": float(error), "bound": float(bound)})
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / f"errors-{os.getpid()}.jsonl", "a") as file:
+        file.write(line + "\n")
+
+
+def _group(test: str) -> tuple[str, str]:
+    """(test function, mode) of a test id such as tests/gpu/test_x.py::test_f[tf32-dot]."""
+    name, _, params = test.split("::")[-1].partition("[")
+    tokens = params.rstrip("]").split("-")
+    return name, next((t for t in tokens if t in MODES), "-")
+
+
+def _ratio(error: float, bound: float) -> float:
+    if math.isnan(error):
+        return math.inf
+    return error / bound if bound > 0 else (0.0 if error == 0 else math.inf)
+
+
+def summary(folder: str | Path) -> list[str]:
+    """One line per (test function, mode, quantity): the largest error / bound over its cases
+    (1.0 is at the bound; above it the test failed), with that case's error and bound."""
+    worst: dict[tuple[str, str, str], tuple[float, dict]] = {}
+    count = 0
+    for path in sorted(Path(folder).glob("errors-*.jsonl")):
+        for text in path.read_text().splitlines():
+            try:
+                entry = json.loads(text)
+            except json.JSONDecodeError:  # a line cut off by a killed process
+                continue
+            count += 1
+            name, mode = _group(entry["test"])
+            key = (name, entry.get("mode") or mode, entry["quantity"])
+            ratio = _ratio(entry["error"], entry["bound"])
+            if key not in worst or ratio > worst[key][0]:
+                worst[key] = (ratio, entry)
+    if not worst:
+        return [f"no measured errors under {folder}"]
+    lines = [f"measured error / asserted bound, worst of {count} comparisons per test, mode and "
+             "quantity (1.0 = at the bound):"]
+    for (name, mode, quantity), (ratio, entry) in sorted(worst.items()):
+        lines.append(f"  {name:<52} {mode:<8} {quantity:<10} {ratio:8.3g}   "
+                     f"(error {entry['error']:.3g}, bound {entry['bound']:.3g})")
+    return lines
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(f"usage: python {sys.argv[0]} FOLDER")
+    print("\n".join(summary(sys.argv[1])))

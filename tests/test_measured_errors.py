@@ -1,0 +1,39 @@
+"""tests/measured_errors.py, the GPU tests' error log: what it writes and how it summarises."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import measured_errors
+
+
+def test_record_does_nothing_without_the_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv(measured_errors.FOLDER_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    measured_errors.record("lse", 1e-3, 1e-2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_records_are_grouped_by_test_mode_and_quantity(monkeypatch, tmp_path):
+    monkeypatch.setenv(measured_errors.FOLDER_ENV, str(tmp_path / "measured"))
+    cases = [("test_a[K150-bfloat16-dot-softmax]", "gradient", 1e-3, 4e-2),
+             ("test_a[K100-bfloat16-cosine-softmax]", "gradient", 3e-2, 4e-2),
+             ("test_a[K100-float16-cosine-softmax]", "gradient", 2e-3, 1e-2),
+             ("test_b", "lse", float("nan"), 1.0)]
+    for test, quantity, error, bound in cases:
+        monkeypatch.setenv("PYTEST_CURRENT_TEST", f"tests/gpu/test_x.py::{test} (call)")
+        measured_errors.record(quantity, error, bound, mode="tf32" if test == "test_b" else None)
+    (file,) = (tmp_path / "measured").iterdir()
+    entries = [json.loads(line) for line in file.read_text().splitlines()]
+    assert [e["test"] for e in entries] == [f"tests/gpu/test_x.py::{c[0]}" for c in cases]
+    with open(file, "a") as handle:
+        handle.write('{"test": "cut off')  # a killed process leaves a partial line
+    lines = measured_errors.summary(tmp_path / "measured")
+    assert "worst of 4 comparisons" in lines[0]
+    rows = {tuple(line.split()[:3]): float(line.split()[3]) for line in lines[1:]}
+    assert rows.keys() == {("test_a", "bfloat16", "gradient"), ("test_a", "float16", "gradient"),
+                           ("test_b", "tf32", "lse")}
+    assert math.isclose(rows["test_a", "bfloat16", "gradient"], 0.75, rel_tol=1e-2)  # the worse
+    assert math.isclose(rows["test_a", "float16", "gradient"], 0.2, rel_tol=1e-2)
+    assert rows["test_b", "tf32", "lse"] == math.inf  # NaN never reads as within the bound
