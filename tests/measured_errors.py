@@ -71,8 +71,9 @@ def summary(folder: str | Path) -> list[str]:
         return [f"no measured errors under {folder}"]
     lines = [f"measured error / asserted bound, worst of {count} comparisons per test, mode and "
              "quantity (1.0 = at the bound):"]
+    width = max(len(name) for name, _, _ in worst)
     for (name, mode, quantity), (ratio, entry) in sorted(worst.items()):
-        lines.append(f"  {name:<52} {mode:<8} {quantity:<10} {ratio:8.3g}   "
+        lines.append(f"  {name:<{width}}  {mode:<8} {quantity:<13} {ratio:8.3g}   "
                      f"(error {entry['error']:.3g}, bound {entry['bound']:.3g})")
     return lines
 
