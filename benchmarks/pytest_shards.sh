@@ -7,7 +7,8 @@
 # on a 16-core machine; shards compile in parallel (and share Triton's on-disk cache). The test
 # ids are collected once and dealt round-robin, so every collected test runs in exactly one
 # shard. Exits non-zero if collection or any shard fails; prints each shard's summary line.
-# PYTHON picks the interpreter (default python3).
+# PYTHON picks the interpreter (default python3); SHARD_LOGS, if set, names a folder that
+# keeps each shard's whole log (shardN.log), which otherwise goes with a temporary folder.
 set -uo pipefail
 
 shards=$1
@@ -20,7 +21,12 @@ work=$(mktemp -d)
 pids=()
 # A timeout (the device check's) must not leave shards running on the GPU.
 trap 'kill "${pids[@]}" 2>/dev/null; exit 124' TERM INT
-trap 'rm -rf "$work"' EXIT
+keep_logs() {
+    [[ -n ${SHARD_LOGS:-} ]] || return 0
+    mkdir -p "$SHARD_LOGS"
+    for log in "$work"/log*; do [[ -e $log ]] && cp "$log" "$SHARD_LOGS/shard${log##*/log}.log"; done
+}
+trap 'keep_logs; rm -rf "$work"' EXIT
 
 if ! "$python" -m pytest --collect-only -q -p no:cacheprovider "${paths[@]}" >"$work/collected" 2>&1
 then
