@@ -145,7 +145,9 @@ fi
 echo
 echo "=== summary ($((SECONDS - start)) s; logs in $logs)"
 if [[ -d $measured ]]; then
-    "$python" tests/measured_errors.py "$measured" 2>&1 | tee "$logs/measured-errors.txt"
+    "$python" tests/measured_errors.py "$measured" >"$logs/measured-errors.txt" 2>&1
+    "$python" tests/measured_errors.py "$measured" --top 15 2>&1
+    echo "(all of them: $logs/measured-errors.txt)"
     echo
 fi
 "$python" - "$out/bench" "$out/bench-compiled" <<'EOF' 2>&1

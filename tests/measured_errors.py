@@ -7,15 +7,16 @@ assert, so a failing test leaves its numbers too). Where FIERCE_MEASURED_ERRORS 
 there, one line per call, flushed at once: a failed, timed-out or killed run keeps what it
 measured. Without the variable, `record` does nothing.
 
-    python tests/measured_errors.py FOLDER    # worst error / bound per test, mode and quantity
+    python tests/measured_errors.py FOLDER [--top N]   # worst error / bound per test, mode and
+                                                       # quantity (--top: the N closest to the bound)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 FOLDER_ENV = "FIERCE_MEASURED_ERRORS"
@@ -50,9 +51,10 @@ def _ratio(error: float, bound: float) -> float:
     return error / bound if bound > 0 else (0.0 if error == 0 else math.inf)
 
 
-def summary(folder: str | Path) -> list[str]:
+def summary(folder: str | Path, top: int | None = None) -> list[str]:
     """One line per (test function, mode, quantity): the largest error / bound over its cases
-    (1.0 is at the bound; above it the test failed), with that case's error and bound."""
+    (1.0 is at the bound; above it the test failed), with that case's error and bound; sorted
+    by name, or only the `top` largest ratios, largest first."""
     worst: dict[tuple[str, str, str], tuple[float, dict]] = {}
     count = 0
     for path in sorted(Path(folder).glob("errors-*.jsonl")):
@@ -69,16 +71,23 @@ def summary(folder: str | Path) -> list[str]:
                 worst[key] = (ratio, entry)
     if not worst:
         return [f"no measured errors under {folder}"]
-    lines = [f"measured error / asserted bound, worst of {count} comparisons per test, mode and "
-             "quantity (1.0 = at the bound):"]
-    width = max(len(name) for name, _, _ in worst)
-    for (name, mode, quantity), (ratio, entry) in sorted(worst.items()):
+    rows = sorted(worst.items())
+    which = "the worst case per test, mode and quantity"
+    if top is not None:
+        rows = sorted(rows, key=lambda row: -row[1][0])[:top]
+        which += f", the {len(rows)} of {len(worst)} nearest their bound"
+    lines = [f"measured error / asserted bound over {count} comparisons, {which} "
+             "(1.0 = at the bound):"]
+    width = max(len(name) for (name, _, _), _ in rows)
+    for (name, mode, quantity), (ratio, entry) in rows:
         lines.append(f"  {name:<{width}}  {mode:<8} {quantity:<13} {ratio:8.3g}   "
                      f"(error {entry['error']:.3g}, bound {entry['bound']:.3g})")
     return lines
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit(f"usage: python {sys.argv[0]} FOLDER")
-    print("\n".join(summary(sys.argv[1])))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder")
+    parser.add_argument("--top", type=int, default=None)
+    options = parser.parse_args()
+    print("\n".join(summary(options.folder, options.top)))

@@ -30,10 +30,20 @@ def test_records_are_grouped_by_test_mode_and_quantity(monkeypatch, tmp_path):
     with open(file, "a") as handle:
         handle.write('{"test": "cut off')  # a killed process leaves a partial line
     lines = measured_errors.summary(tmp_path / "measured")
-    assert "worst of 4 comparisons" in lines[0]
+    assert "over 4 comparisons" in lines[0]
     rows = {tuple(line.split()[:3]): float(line.split()[3]) for line in lines[1:]}
     assert rows.keys() == {("test_a", "bfloat16", "gradient"), ("test_a", "float16", "gradient"),
                            ("test_b", "tf32", "lse")}
     assert math.isclose(rows["test_a", "bfloat16", "gradient"], 0.75, rel_tol=1e-2)  # the worse
     assert math.isclose(rows["test_a", "float16", "gradient"], 0.2, rel_tol=1e-2)
     assert rows["test_b", "tf32", "lse"] == math.inf  # NaN never reads as within the bound
+
+
+def test_top_keeps_the_cases_nearest_their_bound(monkeypatch, tmp_path):
+    monkeypatch.setenv(measured_errors.FOLDER_ENV, str(tmp_path))
+    for name, error in (("test_a", 0.1), ("test_b", 0.9), ("test_c", 0.5)):
+        monkeypatch.setenv("PYTEST_CURRENT_TEST", f"tests/gpu/test_x.py::{name} (call)")
+        measured_errors.record("gradient", error, 1.0)
+    lines = measured_errors.summary(tmp_path, top=2)
+    assert "the 2 of 3 nearest their bound" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == ["test_b", "test_c"]
