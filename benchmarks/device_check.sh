@@ -18,8 +18,9 @@
 #    the paper's torch.compile; `benchmarks/host_overhead.py` (the host-side floor of an eager
 #    step); then tests/gpu/test_integration_gpu.py (opcheck, a compiled training step, autocast)
 #    and, time permitting, the compiled paper code;
-# 5. a summary: each step's status and time, the worst measured error / bound per test, mode
-#    and quantity, then a short fwd+bwd table, printed last.
+# 5. a summary: the 15 measured errors nearest their bounds (all of them, worst case per test,
+#    mode and quantity, in measured-errors.txt), a short fwd+bwd table, then each step's status
+#    and time, printed last.
 #
 # Results and logs go under $OUT (if set) or benchmarks/results/. Every step has a timeout and
 # the script goes on after a failure; it exits non-zero if any step failed. The whole run is
