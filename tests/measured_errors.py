@@ -78,7 +78,7 @@ def summary(folder: str | Path, top: int | None = None) -> list[str]:
         which += f", the {len(rows)} of {len(worst)} nearest their bound"
     lines = [f"measured error / asserted bound over {count} comparisons, {which} "
              "(1.0 = at the bound):"]
-    width = max(len(name) for (name, _, _), _ in rows)
+    width = max((len(name) for (name, _, _), _ in rows), default=0)
     for (name, mode, quantity), (ratio, entry) in rows:
         lines.append(f"  {name:<{width}}  {mode:<8} {quantity:<13} {ratio:8.3g}   "
                      f"(error {entry['error']:.3g}, bound {entry['bound']:.3g})")
