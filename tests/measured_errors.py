@@ -1,14 +1,15 @@
 """What the GPU tests measured: each comparison's error beside the bound it asserts.
 
 A GPU session is rare and short, and the first one must also say how tight each tolerance can be.
-`record(quantity, error, bound)` notes one comparison of the running test (call it before the
-assert, so a failing test leaves its numbers too). Where FIERCE_MEASURED_ERRORS names a folder
-(benchmarks/device_check.sh sets it), every process appends its records to its own JSON-lines file
-there, one line per call, flushed at once: a failed, timed-out or killed run keeps what it
-measured. Without the variable, `record` does nothing.
+`assert within(quantity, error, bound)` records one comparison of the running test, then the test
+asserts it (recorded first, so a failing test leaves its numbers too). Where
+FIERCE_MEASURED_ERRORS names a folder (benchmarks/device_check.sh sets it), every process appends
+its records to its own JSON-lines file there, one line per call, flushed at once: a failed,
+timed-out or killed run keeps what it measured. Without the variable nothing is written.
 
-    python tests/measured_errors.py FOLDER [--top N]   # worst error / bound per test, mode and
-                                                       # quantity (--top: the N closest to the bound)
+    python tests/measured_errors.py FOLDER [--top N]
+
+prints the worst error / bound per test, mode and quantity (--top: the N nearest their bound).
 """
 
 from __future__ import annotations
@@ -36,6 +37,21 @@ def record(quantity: str, error: float, bound: float, mode: str | None = None) -
     Path(folder).mkdir(parents=True, exist_ok=True)
     with open(Path(folder) / f"errors-{os.getpid()}.jsonl", "a") as file:
         file.write(line + "\n")
+
+
+def within(quantity: str, error, bound, mode: str | None = None) -> bool:
+    """Records `error` against `bound` for `quantity` and returns whether error <= bound (False
+    for NaN). Tensors compare elementwise; the element nearest (or furthest over) its bound is
+    the one recorded."""
+    if hasattr(error, "flatten"):  # a tensor; the bound a tensor or number that expands to it
+        error = error.double()
+        bound = (bound.double() if hasattr(bound, "flatten")
+                 else error.new_tensor(bound)).expand_as(error)
+        worst = (error / bound).flatten().argmax()
+        record(quantity, error.flatten()[worst].item(), bound.flatten()[worst].item(), mode)
+        return bool((error <= bound).all())
+    record(quantity, error, bound, mode)
+    return error <= bound
 
 
 def _group(test: str) -> tuple[str, str]:

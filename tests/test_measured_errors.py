@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 import measured_errors
 
 
@@ -47,3 +49,19 @@ def test_top_keeps_the_cases_nearest_their_bound(monkeypatch, tmp_path):
     lines = measured_errors.summary(tmp_path, top=2)
     assert "the 2 of 3 nearest their bound" in lines[0]
     assert [line.split()[0] for line in lines[1:]] == ["test_b", "test_c"]
+
+
+def test_within_records_the_element_nearest_its_bound(monkeypatch, tmp_path):
+    monkeypatch.setenv(measured_errors.FOLDER_ENV, str(tmp_path))
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/gpu/test_x.py::test_a[tf32] (call)")
+    error = torch.tensor([1e-3, 4e-3, 2e-3], dtype=torch.float64)
+    assert measured_errors.within("lse", error, torch.tensor([1e-2, 5e-3, 1e-1], dtype=torch.float64))
+    assert not measured_errors.within("lse", error, 3e-3)  # a number bounds every element
+    assert not measured_errors.within("lse", torch.tensor([0.0, float("nan")]), 1.0)
+    assert measured_errors.within("gradient", 0.5, 1.0, mode="bfloat16")
+    assert not measured_errors.within("gradient", float("nan"), 1.0)
+    (file,) = tmp_path.iterdir()
+    entries = [json.loads(line) for line in file.read_text().splitlines()]
+    assert [(e["error"], e["bound"]) for e in entries[:2]] == [(4e-3, 5e-3), (4e-3, 3e-3)]
+    assert math.isnan(entries[2]["error"])  # the NaN element is the one recorded
+    assert entries[3]["mode"] == "bfloat16"
