@@ -157,8 +157,11 @@ def _constant_dictionary(dim, bins, heads, device, float64):
 
 @functools.lru_cache(maxsize=32)
 def _cached_dictionary(dim, bins, heads, device, float64):
-    return uniform_dictionary(dim, bins, heads, seed=0, device=device,
-                              dtype=torch.float64 if float64 else torch.float32)
+    # Drawn outside any torch.func transform: under vmap the draw would raise (randomness
+    # "error") or be mapped ("different"), and a mapped tensor would then sit in the cache.
+    with torch._C._DisableFuncTorch():
+        return uniform_dictionary(dim, bins, heads, seed=0, device=device,
+                                  dtype=torch.float64 if float64 else torch.float32)
 
 
 @torch.compiler.assume_constant_result

@@ -18,6 +18,15 @@ fake tensors, any TorchDispatchMode); in plain eager calls they call the backend
 because a Python custom op costs ~0.2 ms of dispatch per direction, which on the CPU is as much
 as the whole computation at the paper's batch sizes. Both paths run the same functions below.
 
+torch.func transforms (grad, vjp, jacrev, vmap, functional_call-based training) accept only
+autograd.Functions with a separate setup_context, which neither `Histogram`/`Entropy` (old style,
+for speed) nor the custom ops' generated autograd have. Under a transform the calls therefore go
+through `HistogramUnderTransforms` / `EntropyUnderTransforms`: the same forward, setup and
+backward, with the backend run directly and a vmap rule that loops over the mapped dimension.
+The backward itself runs inside `_FirstOrderOnly`, so that asking for a second derivative
+(hessian, grad of grad) raises instead of differentiating the backend's code; forward-mode AD
+(jvp, jacfwd) raises NotImplementedError.
+
 Mixed precision (torch.autocast): the ops have no autocast registration that casts inputs. They
 take float16/bfloat16 features as they are (a fused backend reads them directly, half the bytes of
 an fp32 copy), compute and accumulate in float32, return the histogram in float32 and the feature
@@ -54,6 +63,18 @@ def _plain_eager(*tensors: Tensor) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._are_functorch_transforms_active()
             and all(type(t) is Tensor for t in tensors))
+
+
+def _run_backward(direct, op, args, grad, features):
+    """A backward direction on the path that fits the caller: `direct` (the backend, no
+    dispatch) in plain eager calls, the custom op `op` while anything traces or when
+    create_graph=True asks for a differentiable result (the op then says it has no derivative),
+    and `direct` inside `_FirstOrderOnly` under torch.func transforms."""
+    if torch._C._are_functorch_transforms_active():
+        return _FirstOrderOnly.apply(direct, *args)
+    if _plain_eager(grad, features) and not torch.is_grad_enabled():
+        return direct(*args)
+    return op(*args)
 
 
 def _histogram_forward(features, dictionary, seed, similarity, estimator, tau, row_offset,
@@ -140,12 +161,13 @@ def _histogram_autograd_backward(ctx, grad_histogram, _grad_lse):
     features, dictionary, lse, seed = ctx.saved_tensors
     grad_features = None
     if ctx.needs_input_grad[0] and grad_histogram is not None:
-        args = (grad_histogram, features, dictionary, lse, seed, *ctx.options)
         # create_graph=True (grad mode on here) goes through the op too: it has no second
         # derivative, and the op says so when one is asked for, where a direct call would
         # differentiate the backend's code with its saved statistics treated as constants.
-        direct = _plain_eager(grad_histogram, features) and not torch.is_grad_enabled()
-        grad_features = _histogram_backward(*args) if direct else histogram_backward_op(*args)
+        grad_features = _run_backward(
+            _histogram_backward, histogram_backward_op,
+            (grad_histogram, features, dictionary, lse, seed, *ctx.options), grad_histogram,
+            features)
     return grad_features, None, None, None, None, None, None, None
 
 
@@ -175,9 +197,12 @@ class Histogram(torch.autograd.Function):
 def histogram(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
               estimator: str, tau: float, row_offset: int, backend: str
               ) -> tuple[Tensor, Tensor]:
-    """`Histogram.apply` (arguments checked by the caller, see fierce_ext.functional)."""
-    return Histogram.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
-                           backend)
+    """`Histogram.apply`, or `HistogramUnderTransforms.apply` under torch.func transforms
+    (arguments checked by the caller, see fierce_ext.functional)."""
+    function = (HistogramUnderTransforms if torch._C._are_functorch_transforms_active()
+                else Histogram)
+    return function.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
+                          backend)
 
 
 # --------------------------------------------------------------------- the histogram's entropy
@@ -226,9 +251,10 @@ def _entropy_autograd_backward(ctx, grad_entropy, _grad_histogram, _grad_lse):
     features, dictionary, histogram, lse, seed = ctx.saved_tensors
     grad_features = None
     if ctx.needs_input_grad[0] and grad_entropy is not None:
-        args = (grad_entropy, histogram, features, dictionary, lse, seed, *ctx.options)
-        direct = _plain_eager(grad_entropy, features) and not torch.is_grad_enabled()
-        grad_features = _entropy_backward(*args) if direct else entropy_backward_op(*args)
+        grad_features = _run_backward(
+            _entropy_backward, entropy_backward_op,
+            (grad_entropy, histogram, features, dictionary, lse, seed, *ctx.options),
+            grad_entropy, features)
     return grad_features, None, None, None, None, None, None, None, None
 
 
@@ -256,6 +282,78 @@ class Entropy(torch.autograd.Function):
 def entropy(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str, estimator: str,
             tau: float, row_offset: int, backend: str, reduction: str
             ) -> tuple[Tensor, Tensor, Tensor]:
-    """`Entropy.apply` (arguments checked by the caller, see fierce_ext.functional)."""
-    return Entropy.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
-                         backend, reduction)
+    """`Entropy.apply`, or `EntropyUnderTransforms.apply` under torch.func transforms
+    (arguments checked by the caller, see fierce_ext.functional)."""
+    function = EntropyUnderTransforms if torch._C._are_functorch_transforms_active() else Entropy
+    return function.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
+                          backend, reduction)
+
+
+# ----------------------------------------------------------------- under torch.func transforms
+
+def _vmap_by_loop(function, info, in_dims, args):
+    """A vmap rule: `function.apply` once per index of the mapped dimension, outputs stacked
+    along dim 0. The histogram is a statistic of a whole batch, so mapped calls are separate
+    problems (an ensemble's features, several batches); each draws the noise of its own seed
+    argument, which is the same for all unless the seed itself is mapped."""
+    outputs = []
+    for index in range(info.batch_size):
+        sliced = [arg if dim is None else arg.select(dim, index) for arg, dim in zip(args, in_dims)]
+        outputs.append(function.apply(*sliced))
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*outputs)), (0,) * len(outputs[0])
+    return torch.stack(outputs), 0
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """`fn(*args)`: a backward direction run directly by a torch.func transform; differentiating
+    its result raises, since the ops have no second derivative."""
+
+    @staticmethod
+    def forward(fn, *args):
+        return fn(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fierce_ext's histogram and entropy have no second derivative "
+                           "(hessian, grad of grad); only their first derivative is implemented")
+
+    @staticmethod
+    def vmap(info, in_dims, fn, *args):
+        return _vmap_by_loop(_FirstOrderOnly, info, in_dims, (fn, *args))
+
+
+def _no_forward_mode(ctx, *tangents):
+    raise NotImplementedError("fierce_ext's histogram and entropy have no forward-mode derivative "
+                              "(torch.func.jvp, jacfwd, hessian); use reverse mode (grad, vjp, "
+                              "jacrev)")
+
+
+class HistogramUnderTransforms(torch.autograd.Function):
+    """`Histogram` in the form torch.func transforms accept (see the module doc)."""
+
+    forward = staticmethod(_histogram_forward)
+    setup_context = staticmethod(_histogram_setup_context)
+    backward = staticmethod(_histogram_autograd_backward)
+    jvp = staticmethod(_no_forward_mode)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_loop(HistogramUnderTransforms, info, in_dims, args)
+
+
+class EntropyUnderTransforms(torch.autograd.Function):
+    """`Entropy` in the form torch.func transforms accept (see the module doc)."""
+
+    forward = staticmethod(_entropy_forward)
+    setup_context = staticmethod(_entropy_setup_context)
+    backward = staticmethod(_entropy_autograd_backward)
+    jvp = staticmethod(_no_forward_mode)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_loop(EntropyUnderTransforms, info, in_dims, args)
