@@ -92,6 +92,10 @@ def global_histogram(features: Tensor, dictionary: Tensor, seed: Tensor, similar
                      estimator: str, tau: float, row_offset: int, backend: str, group) -> Tensor:
     """The histogram (C, K) of the global batch of `group`, on every rank (arguments as for
     `fierce_ext.ops.histogram`; `row_offset` is added to the global offset of this rank)."""
+    if torch._C._are_functorch_transforms_active():
+        raise NotImplementedError("sync=True / process_group= (the histogram of the global batch) "
+                                  "runs under plain autograd only, not under torch.func "
+                                  "transforms")
     rows = features.shape[0]
     before, total, seed = batch_layout(rows, seed, features.device, group)
     local, _ = ops.histogram(features, dictionary, seed, similarity, estimator, tau,

@@ -128,6 +128,14 @@ def _histogram_worker(rank):
     hist = fierce_ext.histogram(rows, dictionary, seed=1, sync=True)
     assert torch.isnan(hist).all(), f"rank {rank}: NaN did not propagate"
 
+    # The collectives' autograd is eager only: torch.func transforms get a clear error.
+    try:
+        torch.func.grad(lambda x: fierce_ext.entropy(x, dictionary, sync=True, seed=1))(full)
+    except NotImplementedError as error:
+        assert "torch.func" in str(error)
+    else:
+        raise AssertionError("sync=True ran under torch.func.grad")
+
     try:
         fierce_ext.histogram(full, dictionary, process_group="world")
     except TypeError as error:

@@ -1,7 +1,7 @@
 """Training-loop integration on a GPU, for every backend that runs there: torch.library.opcheck
-of the autograd op, a fullgraph-compiled training step against eager, and autocast in float16 and
-bfloat16 (the CPU versions of these tests are tests/test_compile.py and tests/test_amp.py).
-Skipped without CUDA (conftest.py)."""
+of the autograd op, a fullgraph-compiled training step against eager, autocast in float16 and
+bfloat16, and torch.func transforms (the CPU versions of these tests are tests/test_compile.py,
+tests/test_amp.py and tests/test_func_transforms.py). Skipped without CUDA (conftest.py)."""
 
 from __future__ import annotations
 
@@ -139,3 +139,29 @@ def test_fp16_large_features_do_not_overflow(gpu_backend):
     (grad,) = torch.autograd.grad(value, features)
     assert torch.isfinite(value) and 0 <= value.item() <= math.log2(BINS) + 1e-5
     assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda value: str(value).removeprefix("torch."))
+def test_torch_func_grad_and_vmap_on_cuda(gpu_backend, dtype):
+    # Under torch.func the same backend functions run (ops.EntropyUnderTransforms): the same bits
+    # as plain autograd, and vmap gives each mapped problem what a separate call gives.
+    torch.manual_seed(6)
+    xs = torch.randn(2, 300, 40, device="cuda").to(dtype)
+    dictionary = fierce_ext.uniform_dictionary(40, BINS, 2, device="cuda")
+
+    def entropy(x):
+        return fierce_ext.entropy(x, dictionary, estimator="gumbel_soft", tau=0.5, seed=8,
+                                  backend=gpu_backend)
+
+    expected = []
+    for x in xs:
+        leaf = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(entropy(leaf), leaf)
+        assert g.dtype == dtype and g.abs().sum() > 0
+        expected.append(g)
+        torch.testing.assert_close(torch.func.grad(entropy)(x), g, rtol=0, atol=0)
+    torch.testing.assert_close(torch.func.vmap(entropy)(xs),
+                               torch.stack([entropy(x) for x in xs]), rtol=0, atol=0)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(entropy))(xs),
+                               torch.stack(expected), rtol=0, atol=0)
