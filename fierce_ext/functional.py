@@ -34,6 +34,8 @@ REDUCTIONS = ("mean", "none")
 
 ENTROPY_EPS = backends.ENTROPY_EPS  # the paper's guard inside the logarithm
 
+_GUARD_SCALAR_TRACES = torch.__version__ >= "2.5"
+
 
 def histogram(features: Tensor, dictionary: Tensor, *, similarity: str = "cosine",
               estimator: str = "gumbel_hard", tau: float = 1.0, seed: int | None = None,
@@ -139,10 +141,12 @@ def entropy(features: Tensor, dictionary: Tensor | None = None, *, bins: int = 1
 def default_dictionary(dim: int, bins: int, heads: int, device: torch.device,
                        float64: bool = False) -> Tensor:
     """The dictionary `entropy` uses when none is given: uniform on [-1, 1), seed 0, cached."""
-    # Under torch.compile `dim` may be symbolic (dynamic shapes); the dictionary is a constant
-    # of the graph, so specialise on it (a guard, a recompile for a new D). Plain ints skip the
-    # call: dynamo before torch 2.5 cannot trace guard_scalar.
-    if not isinstance(dim, int):
+    # Under torch.compile `dim` may be symbolic (dynamic=True, or automatically once a second
+    # feature dimension was seen); the dictionary is a constant of the graph, so specialise on
+    # it (a guard, a recompile for a new D). Dynamo takes a symbolic dim for an int, so no
+    # isinstance test can tell them apart; dynamo before torch 2.5 cannot trace guard_scalar,
+    # and there a dynamic D stays unsupported.
+    if _GUARD_SCALAR_TRACES:
         dim = guard_scalar(dim)
     return _constant_dictionary(dim, bins, heads, torch.device(device), float64)
 
@@ -225,7 +229,7 @@ def _check_choice(name: str, value, choices) -> None:
 def _check_tau(tau) -> float:
     if isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
-    if not math.isfinite(tau) or tau <= 0:
+    if not 0 < tau < math.inf:  # also false for NaN; comparisons (not math.isfinite) trace
         raise ValueError(f"tau must be finite and > 0, got {tau}")
     return float(tau)
 
