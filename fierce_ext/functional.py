@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_scalar
+from torch.utils._python_dispatch import _disable_current_modes
 
 from . import backends, distributed
 from .dictionary import SIMILARITIES, uniform_dictionary
@@ -161,9 +162,10 @@ def _constant_dictionary(dim, bins, heads, device, float64):
 
 @functools.lru_cache(maxsize=32)
 def _cached_dictionary(dim, bins, heads, device, float64):
-    # Drawn outside any torch.func transform: under vmap the draw would raise (randomness
-    # "error") or be mapped ("different"), and a mapped tensor would then sit in the cache.
-    with torch._C._DisableFuncTorch():
+    # Drawn as a plain tensor whatever is active: under torch.func.vmap the draw would raise
+    # (randomness "error") or be mapped ("different"), under a dispatch mode (the fake tensors of
+    # torch.export) it would be fake, and either would then sit in the cache.
+    with torch._C._DisableFuncTorch(), _disable_current_modes():
         return uniform_dictionary(dim, bins, heads, seed=0, device=device,
                                   dtype=torch.float64 if float64 else torch.float32)
 

@@ -17,6 +17,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fierce_ext
+from fierce_ext import functional
 from fierce_ext.ops import (entropy_backward_op, entropy_op, histogram_backward_op,
                             histogram_op)
 from tiny_models import Net, eager_and_compiled_step, entropy_term_moves_the_body
@@ -185,6 +186,30 @@ def test_torch_export_captures_the_op(strict):
     assert torch.ops.aten.randint.low in targets  # seed=None: a fresh seed per call
     value = program.module()(x)
     assert value.shape == () and 0 < value.item() <= math.log2(10)
+
+
+class _LinearEntropy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 8)
+
+    def forward(self, x):
+        return fierce_ext.entropy(self.linear(x), bins=12, seed=4)  # the default dictionary
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_torch_export_default_dictionary_dynamic_batch(strict):
+    # The default dictionary is first drawn while export traces with fake tensors: it must be
+    # a real constant of the program and stay a real tensor in the cache for eager calls.
+    functional._cached_dictionary.cache_clear()
+    torch.manual_seed(6)
+    model = _LinearEntropy()
+    program = torch.export.export(model, (torch.randn(16, 6),), strict=strict,
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch", min=2)}})
+    for rows in (16, 33):
+        x = torch.randn(rows, 6)
+        assert torch.equal(program.module()(x), model(x)), rows
+    assert type(functional.default_dictionary(8, 12, 1, torch.device("cpu"))) is torch.Tensor
 
 
 class _RecordOps(TorchDispatchMode):
