@@ -54,15 +54,22 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
+# The legacy vmap behind torch.autograd.grad(is_grads_batched=True) and
+# torch.autograd.functional.jacobian(vectorize=True) wraps gradients in tensors of plain type that
+# carry this dispatch key; the custom ops' batching fallback runs the backend once per entry.
+_LEGACY_BATCHED = torch._C._dispatch_key_parse("Batched")
+
+
 def _plain_eager(*tensors: Tensor) -> bool:
     """True when nothing traces or intercepts this call: no compiler, no TorchDispatchMode (fake
-    tensors, make_fx, export, FlopCounterMode...), no torch.func transform, no tensor subclass.
-    Then the backend may run without the custom op's dispatch; otherwise the custom ops keep the
-    call visible."""
+    tensors, make_fx, export, FlopCounterMode...), no torch.func transform, no tensor subclass,
+    no legacy vmap. Then the backend may run without the custom op's dispatch; otherwise the
+    custom ops keep the call visible."""
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._are_functorch_transforms_active()
-            and all(type(t) is Tensor for t in tensors))
+            and all(type(t) is Tensor and not torch._C._dispatch_keys(t).has(_LEGACY_BATCHED)
+                    for t in tensors))
 
 
 def _run_backward(direct, op, args, grad, features):

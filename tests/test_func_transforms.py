@@ -1,4 +1,5 @@
-"""torch.func transforms over `entropy`, `histogram` and the modules (CPU backends).
+"""torch.func transforms over `entropy`, `histogram` and the modules, and the legacy vmap of
+autograd's batched gradients (CPU backends).
 
 Under a transform the ops run through `ops.EntropyUnderTransforms` / `HistogramUnderTransforms`
 (new-style autograd.Functions with a looping vmap rule); plain autograd runs `ops.Entropy` /
@@ -150,3 +151,22 @@ def test_no_second_derivative_and_no_forward_mode():
     for transform in (jacfwd, hessian):
         with pytest.raises(NotImplementedError, match="forward-mode"):
             transform(entropy)(x)
+
+
+def test_batched_gradients_of_autograd():
+    # torch.autograd.grad(is_grads_batched=True) and autograd.functional's vectorize=True run the
+    # backward under the legacy vmap: the custom op's batching fallback, one backend call each.
+    x = torch.randn(24, 5, dtype=torch.float64)
+    dictionary = fierce_ext.uniform_dictionary(5, 6, 2, dtype=torch.float64)
+
+    def hist(x):
+        return fierce_ext.histogram(x, dictionary, seed=3, estimator="gumbel_soft")
+
+    looped = torch.autograd.functional.jacobian(hist, x)
+    assert looped.abs().max() > 0
+    torch.testing.assert_close(torch.autograd.functional.jacobian(hist, x, vectorize=True),
+                               looped, rtol=0, atol=1e-15)
+    leaf = x.clone().requires_grad_()
+    basis = torch.eye(12, dtype=torch.float64).view(12, 2, 6)
+    (batched,) = torch.autograd.grad(hist(leaf), leaf, basis, is_grads_batched=True)
+    torch.testing.assert_close(batched, looped.view(12, 24, 5), rtol=0, atol=1e-15)
