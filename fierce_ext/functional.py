@@ -162,10 +162,12 @@ def _constant_dictionary(dim, bins, heads, device, float64):
 
 @functools.lru_cache(maxsize=32)
 def _cached_dictionary(dim, bins, heads, device, float64):
-    # Drawn as a plain tensor whatever is active: under torch.func.vmap the draw would raise
-    # (randomness "error") or be mapped ("different"), under a dispatch mode (the fake tensors of
-    # torch.export) it would be fake, and either would then sit in the cache.
-    with torch._C._DisableFuncTorch(), _disable_current_modes():
+    # Drawn as a plain tensor whatever is active, since it is cached for every later call: under
+    # torch.func.vmap the draw would raise (randomness "error") or be mapped ("different"), under
+    # a dispatch mode (the fake tensors of torch.export) it would be fake, and under
+    # torch.inference_mode an inference tensor, which autograd refuses to save for a backward.
+    with (torch._C._DisableFuncTorch(), _disable_current_modes(),
+          torch.inference_mode(False)):
         return uniform_dictionary(dim, bins, heads, seed=0, device=device,
                                   dtype=torch.float64 if float64 else torch.float32)
 

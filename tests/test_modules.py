@@ -137,6 +137,21 @@ def test_default_dictionary_path_and_cache(backend):
     assert torch.equal(module.dictionary, explicit)
 
 
+def test_default_dictionary_first_drawn_in_inference_mode_still_trains(backend):
+    # An evaluation pass under torch.inference_mode before the first training step draws the
+    # cached default dictionary; training must still be able to save it for its backward.
+    fierce_ext.functional._cached_dictionary.cache_clear()
+    features = torch.randn(24, 11)
+    with torch.inference_mode():
+        evaluated = fierce_ext.entropy(features, seed=3, backend=backend)
+    leaf = features.clone().requires_grad_()
+    trained = fierce_ext.entropy(leaf, seed=3, backend=backend)
+    trained.backward()
+    assert torch.equal(trained.detach(), evaluated)
+    assert leaf.grad.abs().sum() > 0
+    assert not default_dictionary(11, 100, 1, torch.device("cpu")).is_inference()
+
+
 def test_default_dictionary_in_float64_for_float64_features():
     h = fierce_ext.entropy(torch.randn(10, 3, dtype=torch.float64), seed=0)
     assert h.dtype == torch.float64
