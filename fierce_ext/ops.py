@@ -340,27 +340,23 @@ def _no_forward_mode(ctx, *tangents):
                               "jacrev)")
 
 
-class HistogramUnderTransforms(torch.autograd.Function):
-    """`Histogram` in the form torch.func transforms accept (see the module doc)."""
-
-    forward = staticmethod(_histogram_forward)
-    setup_context = staticmethod(_histogram_setup_context)
-    backward = staticmethod(_histogram_autograd_backward)
-    jvp = staticmethod(_no_forward_mode)
-
-    @staticmethod
+def _function_under_transforms(name, forward, setup_context, backward):
+    """An autograd.Function of the three parts in the form torch.func transforms accept (new
+    style, see the module doc): vmap by loop, forward mode raising."""
     def vmap(info, in_dims, *args):
-        return _vmap_by_loop(HistogramUnderTransforms, info, in_dims, args)
+        return _vmap_by_loop(function, info, in_dims, args)
+
+    function = type(name, (torch.autograd.Function,), {
+        "__doc__": f"{name.removesuffix('UnderTransforms')} under torch.func transforms.",
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "jvp": staticmethod(_no_forward_mode),
+        "vmap": staticmethod(vmap)})
+    return function
 
 
-class EntropyUnderTransforms(torch.autograd.Function):
-    """`Entropy` in the form torch.func transforms accept (see the module doc)."""
-
-    forward = staticmethod(_entropy_forward)
-    setup_context = staticmethod(_entropy_setup_context)
-    backward = staticmethod(_entropy_autograd_backward)
-    jvp = staticmethod(_no_forward_mode)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmap_by_loop(EntropyUnderTransforms, info, in_dims, args)
+HistogramUnderTransforms = _function_under_transforms(
+    "HistogramUnderTransforms", _histogram_forward, _histogram_setup_context,
+    _histogram_autograd_backward)
+EntropyUnderTransforms = _function_under_transforms(
+    "EntropyUnderTransforms", _entropy_forward, _entropy_setup_context,
+    _entropy_autograd_backward)
