@@ -72,12 +72,24 @@ def _plain_eager(*tensors: Tensor) -> bool:
                     for t in tensors))
 
 
+# Dynamo before torch 2.5 cannot trace the query below; there a compiled region takes the
+# Functions for plain autograd (torch.compile of a torch.func transform is then unsupported).
+_DYNAMO_TRACES_TRANSFORM_QUERY = torch.__version__ >= "2.5"
+
+
+def _under_transforms() -> bool:
+    """Whether a torch.func transform is active."""
+    if not _DYNAMO_TRACES_TRANSFORM_QUERY and torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active()
+
+
 def _run_backward(direct, op, args, grad, features):
     """A backward direction on the path that fits the caller: `direct` (the backend, no
     dispatch) in plain eager calls, the custom op `op` while anything traces or when
     create_graph=True asks for a differentiable result (the op then says it has no derivative),
     and `direct` inside `_FirstOrderOnly` under torch.func transforms."""
-    if torch._C._are_functorch_transforms_active():
+    if _under_transforms():
         return _FirstOrderOnly.apply(direct, *args)
     if _plain_eager(grad, features) and not torch.is_grad_enabled():
         return direct(*args)
@@ -206,8 +218,7 @@ def histogram(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: st
               ) -> tuple[Tensor, Tensor]:
     """`Histogram.apply`, or `HistogramUnderTransforms.apply` under torch.func transforms
     (arguments checked by the caller, see fierce_ext.functional)."""
-    function = (HistogramUnderTransforms if torch._C._are_functorch_transforms_active()
-                else Histogram)
+    function = HistogramUnderTransforms if _under_transforms() else Histogram
     return function.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
                           backend)
 
@@ -291,7 +302,7 @@ def entropy(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
             ) -> tuple[Tensor, Tensor, Tensor]:
     """`Entropy.apply`, or `EntropyUnderTransforms.apply` under torch.func transforms
     (arguments checked by the caller, see fierce_ext.functional)."""
-    function = EntropyUnderTransforms if torch._C._are_functorch_transforms_active() else Entropy
+    function = EntropyUnderTransforms if _under_transforms() else Entropy
     return function.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
                           backend, reduction)
 
