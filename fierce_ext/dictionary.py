@@ -30,7 +30,8 @@ def uniform_dictionary(dim: int, bins: int = 100, heads: int = 1, low: float = -
     """A (heads, dim, bins) dictionary drawn uniformly on [low, high), reproducibly from `seed`.
 
     The paper draws it on [-1, 1] (few-shot) or [0, 1) (hyperspectral) and never trains it.
-    The draw happens on the CPU in float32, so the same seed gives the same atoms on every device.
+    The draw happens on the CPU in float32, so the same seed gives the same atoms on every device
+    (also under torch.set_default_device); `device=None` means torch's default device.
     """
     _check_positive_int("dim", dim)
     _check_positive_int("bins", bins)
@@ -38,9 +39,11 @@ def uniform_dictionary(dim: int, bins: int = 100, heads: int = 1, low: float = -
     if not (low < high):
         raise ValueError(f"low must be < high, got low={low}, high={high}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    atoms = torch.rand(heads, dim, bins, generator=generator, dtype=torch.float32)
+    with torch._C._DisableFuncTorch():  # a function of `seed`: never mapped by torch.func.vmap
+        atoms = torch.rand(heads, dim, bins, generator=generator, dtype=torch.float32,
+                           device="cpu")
     atoms = low + (high - low) * atoms
-    return atoms.to(device=device, dtype=dtype or torch.get_default_dtype())
+    return _placed(atoms, device, dtype)
 
 
 def bin_dictionary(bins: int, low: float, high: float, heads: int = 1, device=None,
@@ -54,9 +57,16 @@ def bin_dictionary(bins: int, low: float, high: float, heads: int = 1, device=No
     _check_positive_int("heads", heads)
     if bins > 1 and not (low < high):
         raise ValueError(f"low must be < high, got low={low}, high={high}")
-    centres = torch.linspace(low, high, bins, dtype=torch.float64)
+    centres = torch.linspace(low, high, bins, dtype=torch.float64, device="cpu")
     centres = centres.view(1, 1, bins).expand(heads, 1, bins).contiguous()
-    return centres.to(device=device, dtype=dtype or torch.get_default_dtype())
+    return _placed(centres, device, dtype)
+
+
+def _placed(values: torch.Tensor, device, dtype) -> torch.Tensor:
+    """CPU `values` copied into a new tensor allocated as a torch factory would (device=None and
+    dtype=None: torch's defaults, torch.set_default_device included)."""
+    out = torch.empty(values.shape, dtype=dtype or torch.get_default_dtype(), device=device)
+    return out.copy_(values)
 
 
 def project_dictionary(dictionary: torch.Tensor, similarity: str,

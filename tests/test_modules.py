@@ -53,6 +53,20 @@ def test_feature_entropy_dictionary_is_a_copy():
     assert module.dictionary.abs().sum() > 0
 
 
+def test_dictionaries_drawn_on_the_cpu_under_a_default_device():
+    # A default device (torch.set_default_device or `with torch.device(...)`; meta here, cuda in
+    # the wild) must not move the draw: the atoms stay those of the CPU generator, and
+    # device=None means the default device, as in torch's factories. (The context manager, since
+    # torch 2.4's set_default_device(None) leaves get_default_device broken.)
+    expected = fierce_ext.uniform_dictionary(5, 7, 2, seed=4)
+    centres = fierce_ext.bin_dictionary(7, 1, 7)
+    with torch.device("meta"):
+        assert fierce_ext.uniform_dictionary(5, 7, 2, seed=4).device.type == "meta"
+        assert torch.equal(fierce_ext.uniform_dictionary(5, 7, 2, seed=4, device="cpu"), expected)
+        assert torch.equal(fierce_ext.bin_dictionary(7, 1, 7, device="cpu"), centres)
+        assert fierce_ext.FeatureEntropy(5, bins=7).dictionary.device.type == "meta"
+
+
 def test_fierce_loss_state_dict_round_trip():
     loss = fierce_ext.FIERCELoss(6, lam=0.5, bins=12, heads=3)
     state = loss.state_dict()
