@@ -162,9 +162,9 @@ def _constant_dictionary(dim, bins, heads, device, float64):
 
 @functools.lru_cache(maxsize=32)
 def _cached_dictionary(dim, bins, heads, device, float64):
-    # Drawn as a plain tensor whatever is active, since it is cached for every later call: under
-    # torch.func.vmap the draw would raise (randomness "error") or be mapped ("different"), under
-    # a dispatch mode (the fake tensors of torch.export) it would be fake, and under
+    # Made as a plain tensor whatever is active, since it is cached for every later call: under
+    # a torch.func transform it would belong to the transform's level (and escape it), under a
+    # dispatch mode (the fake tensors of torch.export) it would be fake, and under
     # torch.inference_mode an inference tensor, which autograd refuses to save for a backward.
     with (torch._C._DisableFuncTorch(), _disable_current_modes(),
           torch.inference_mode(False)):
