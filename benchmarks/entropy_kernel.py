@@ -62,6 +62,31 @@ import torch  # noqa: E402
 import fierce_ext  # noqa: E402
 from paper_baseline import paper_entropy  # noqa: E402
 
+try:  # a progress bar where tqdm is installed (the experiments' extra); plain messages without
+    from tqdm import tqdm as _tqdm
+except ImportError:
+    _tqdm = None
+
+
+class _NoProgressBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total):
+    return _tqdm(total=total, desc="benchmark", unit="case") if _tqdm else _NoProgressBar()
+
+
+def _say(message):
+    """Print a line without breaking the progress bar."""
+    (_tqdm.write if _tqdm else print)(message)
+
 # (B, D, C, K). The named shapes of DESIGN.md, plus reduced ones for CPUs and smoke runs.
 SHAPES = {
     "few-shot": (256, 640, 1, 100),
@@ -389,17 +414,13 @@ def device_tag(device):
 
 
 def _failed(row, error, shape_name, dtype_name, backend):
-    from tqdm import tqdm
-
     row["skipped"] = f"failed: {type(error).__name__}: {error}"[:300]
-    tqdm.write(f"FAILED {shape_name} {dtype_name} {backend}: {row['skipped']}")
+    _say(f"FAILED {shape_name} {dtype_name} {backend}: {row['skipped']}")
 
 
 def measure_shape(shape_name, dtype_name, backends, device, args, bar):
     """The rows of one (shape, dtype): every backend timed (on the CPU taking turns, see
     time_cpu_cases), its memory, and its rate against the shape's GEMM floor."""
-    from tqdm import tqdm
-
     shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
     batch, dim, heads, bins = shape
     floor = gemm_ms(shape, dtype, device, args.quick)
@@ -413,7 +434,7 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar):
         skip = skip_reason(backend, shape, dtype, args.similarity, device)
         if skip:
             row["skipped"] = skip
-            tqdm.write(f"skip {shape_name} {dtype_name} {backend}: {skip}")
+            _say(f"skip {shape_name} {dtype_name} {backend}: {skip}")
             bar.update()
             continue
         features, dictionary = make_inputs(shape_name, dtype, device)
@@ -488,12 +509,9 @@ def run(args):
     for name, why in notes.items():
         print(f"not measured: {name}: {why}")
 
-    from tqdm import tqdm
-
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
-    bar = tqdm(total=len(shape_names) * len(dtype_names) * len(backends), desc="benchmark",
-               unit="case")
+    bar = _progress_bar(len(shape_names) * len(dtype_names) * len(backends))
     for shape_name in shape_names:
         for dtype_name in dtype_names:
             rows += measure_shape(shape_name, dtype_name, backends, device, args, bar)
