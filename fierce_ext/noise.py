@@ -25,6 +25,8 @@ processes draws the noise of the unsplit batch.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -123,6 +125,7 @@ def uniform_from_words(words: torch.Tensor, dtype: torch.dtype = torch.float32) 
 
 _UNSET = object()
 _compiled_uniform = _UNSET
+_warned_numpy_noise = False
 
 
 def compiled_uniform():
@@ -147,7 +150,18 @@ def uniform_noise(seed: int, rows: int, heads: int, bins: int, row_offset: int =
             u = torch.empty(rows, heads, bins, dtype=dtype)
             op(u, seed, row_offset)
             return u
+        _warn_numpy_noise_once()
     return uniform_from_words(random_words(seed, rows, heads, bins, row_offset, device), dtype)
+
+
+def _warn_numpy_noise_once() -> None:
+    """An install without the compiled op still works, but it should not be slow unnoticed."""
+    global _warned_numpy_noise
+    if not _warned_numpy_noise:
+        _warned_numpy_noise = True
+        why = _extension.load() or "fierce_ext._C does not register philox_uniform_"
+        warnings.warn(f"fierce_ext draws the CPU noise in numpy, the same bits about 4x slower "
+                      f"than the compiled op: {why}", RuntimeWarning, stacklevel=3)
 
 
 def gumbel_noise(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0,

@@ -4,6 +4,7 @@ implementation compared bit for bit, the uniform's range, row_offset consistency
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -119,10 +120,15 @@ def test_compiled_uniform_matches_numpy_bit_for_bit(seed, rows, heads, bins, dty
 
 
 def test_uniform_noise_without_the_compiled_op(monkeypatch):
-    # An install without fierce_ext._C draws the same bits in numpy.
+    # An install without fierce_ext._C draws the same bits in numpy, and says so once.
     monkeypatch.setattr(noise, "_compiled_uniform", None)
-    got = noise.uniform_noise(77, 5, 2, 9, 3, dtype=torch.float64)
+    monkeypatch.setattr(noise, "_warned_numpy_noise", False)
+    with pytest.warns(RuntimeWarning, match="draws the CPU noise in numpy"):
+        got = noise.uniform_noise(77, 5, 2, 9, 3, dtype=torch.float64)
     np.testing.assert_array_equal(got.numpy(), numpy_uniform(numpy_random_words(77, 5, 2, 9, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        noise.uniform_noise(77, 5, 2, 9, 3)
 
 
 def test_compiled_uniform_split_over_threads():
