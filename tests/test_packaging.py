@@ -19,12 +19,12 @@ import sys
 import tarfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BUILD_FILES = ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in")
+BUILD_FILES = ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "LICENSE")
 SOURCE_SUFFIXES = {".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp"}
 
 
 def _sdist_names(tmp_path):
-    """The paths inside an sdist made, on a CPU-only build configuration, from a copy of the
+    """The paths inside an sdist, and the build's output, made, on a CPU-only build configuration, from a copy of the
     checkout's build inputs (so that no egg-info lands in the checkout)."""
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -35,15 +35,17 @@ def _sdist_names(tmp_path):
     for folder in ("fierce_ext", "csrc"):
         shutil.copytree(ROOT / folder, tree / folder, ignore=ignore)
     env = dict(os.environ, FIERCE_EXT_BUILD_CUDA="0")
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
-                   cwd=tree, env=env, check=True, capture_output=True, text=True)
+    build = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d",
+                            str(tmp_path / "dist")],
+                           cwd=tree, env=env, check=True, capture_output=True, text=True)
     (archive,) = (tmp_path / "dist").glob("*.tar.gz")
     with tarfile.open(archive) as tar:
-        return {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    return names, build.stdout + build.stderr
 
 
 def test_sdist_carries_every_csrc_source_and_header(tmp_path):
-    names = _sdist_names(tmp_path)
+    names, _ = _sdist_names(tmp_path)
     sources = {path.relative_to(ROOT).as_posix() for path in (ROOT / "csrc").rglob("*")
                if path.suffix in SOURCE_SUFFIXES}
     assert "csrc/philox.cuh" in sources and "csrc/fierce_kernels.cu" in sources
@@ -56,3 +58,10 @@ def test_sdist_carries_every_csrc_source_and_header(tmp_path):
             assert target in names, f"{source} includes {include}, missing from the sdist"
     assert not any(name.endswith((".so", ".o", ".pyc")) for name in names)
     assert "fierce_ext/backends/fused_triton.py" in names
+
+
+def test_sdist_has_the_license_and_no_deprecated_metadata(tmp_path):
+    # setuptools deprecates pyproject's TOML-table `license` (an error after 2027-02-18).
+    names, output = _sdist_names(tmp_path)
+    assert "LICENSE" in names
+    assert "SetuptoolsDeprecationWarning" not in output, output
