@@ -231,7 +231,10 @@ def _forward_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
                 y = tl.where(row_mask[:, None], tl.exp(z - lse[:, None]), 0.0)
                 column = tl.sum(y, axis=0)
             pointers = part_ptr + (pid_b * C + h) * K + ks
-            column += tl.load(pointers, mask=(ks < K) & (block != pid_b), other=0.0)
+            # A scalar condition stays out of masks: Triton 3.9's interpreter refuses a mask that
+            # combines a tensor with a scalar comparison (its data is then int32, not bool).
+            if block != pid_b:
+                column += tl.load(pointers, mask=ks < K, other=0.0)
             tl.store(pointers, column, mask=ks < K)
     tl.store(bad_ptr + pid_b * C + h, tl.sum(bad, axis=0))
 
@@ -373,7 +376,8 @@ def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
     Q = (K + 3) // 4
     if HAS_SCALE:
         scale = _row_scale(r_ptr, stride_rb, stride_rd, rows, row_mask, D, ACC, BLOCK_B, BLOCK_D)
-        tl.store(scale_ptr + rows, scale, mask=row_mask & (h == 0))
+        if h == 0:  # one head writes the scale (a branch, not a mask: see _forward_kernel)
+            tl.store(scale_ptr + rows, scale, mask=row_mask)
     else:
         scale = tl.full((BLOCK_B,), 1.0, ACC)
     lse = tl.load(lse_ptr + rows * C + h, mask=row_mask, other=0.0)
