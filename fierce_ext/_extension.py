@@ -15,7 +15,8 @@ import threading
 import torch
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation .` against the torch you run "
-              "(for the CUDA kernels: a CUDA build of torch, nvcc (CUDA_HOME) available, and "
+              "(in a checkout whose scripts import it: `pip install --no-build-isolation -e .`; "
+              "for the CUDA kernels: a CUDA build of torch, nvcc (CUDA_HOME) available, and "
               "FIERCE_EXT_BUILD_CUDA=1 to make a failed build an error)")
 
 _lock = threading.Lock()

@@ -12,6 +12,7 @@ bins ignores, which is what lets every fast backend run one GEMM with a row scal
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import weakref
 
@@ -36,8 +37,7 @@ def uniform_dictionary(dim: int, bins: int = 100, heads: int = 1, low: float = -
     _check_positive_int("dim", dim)
     _check_positive_int("bins", bins)
     _check_positive_int("heads", heads)
-    if not (low < high):
-        raise ValueError(f"low must be < high, got low={low}, high={high}")
+    _check_bounds(low, high)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch._C._DisableFuncTorch():  # a function of `seed`: never mapped by torch.func.vmap
         atoms = torch.rand(heads, dim, bins, generator=generator, dtype=torch.float32,
@@ -55,8 +55,7 @@ def bin_dictionary(bins: int, low: float, high: float, heads: int = 1, device=No
     """
     _check_positive_int("bins", bins)
     _check_positive_int("heads", heads)
-    if bins > 1 and not (low < high):
-        raise ValueError(f"low must be < high, got low={low}, high={high}")
+    _check_bounds(low, high, ordered=bins > 1)  # one bin sits at `low`
     centres = torch.linspace(low, high, bins, dtype=torch.float64, device="cpu")
     centres = centres.view(1, 1, bins).expand(heads, 1, bins).contiguous()
     return _placed(centres, device, dtype)
@@ -65,6 +64,8 @@ def bin_dictionary(bins: int, low: float, high: float, heads: int = 1, device=No
 def _placed(values: torch.Tensor, device, dtype) -> torch.Tensor:
     """CPU `values` copied into a new tensor allocated as a torch factory would (device=None and
     dtype=None: torch's defaults, torch.set_default_device included)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
     out = torch.empty(values.shape, dtype=dtype or torch.get_default_dtype(), device=device)
     return out.copy_(values)
 
@@ -130,6 +131,16 @@ def derived(dictionary: torch.Tensor, key, build):
         while len(_derived) > DERIVED_CACHE_SIZE:
             _derived.popitem(last=False)
     return value
+
+
+def _check_bounds(low, high, ordered: bool = True) -> None:
+    for name, value in (("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not -math.inf < value < math.inf:
+            raise ValueError(f"{name} must be finite, got {value}")
+    if ordered and not low < high:
+        raise ValueError(f"low must be < high, got low={low}, high={high}")
 
 
 def _check_positive_int(name: str, value) -> None:

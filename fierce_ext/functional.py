@@ -94,6 +94,10 @@ def _checked_options(features, similarity, estimator, tau, seed, backend, row_of
 def histogram_entropy(histogram: Tensor, reduction: str = "mean") -> Tensor:
     """Entropy in bits of each row of a (C, K) histogram, averaged over rows for "mean"."""
     _check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(histogram, Tensor):
+        raise TypeError(f"histogram must be a torch.Tensor, got {type(histogram).__name__}")
+    if not histogram.dtype.is_floating_point:
+        raise TypeError(f"histogram must be a floating-point tensor, got {histogram.dtype}")
     if histogram.dim() != 2:
         raise ValueError(f"histogram must be 2-D (heads, bins), got shape {tuple(histogram.shape)}")
     return backends.entropy_bits(histogram, reduction)

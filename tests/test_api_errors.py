@@ -121,21 +121,35 @@ def test_bad_lambda(lam):
 @pytest.mark.parametrize("kwargs, word", [
     (dict(dim=0), "dim"), (dict(dim=3, bins=0), "bins"), (dict(dim=3, heads=0), "heads"),
     (dict(dim=3, low=1.0, high=1.0), "low"), (dict(dim=3.0), "dim"),
+    (dict(dim=3, dtype=torch.int32), "dtype"), (dict(dim=3, dtype=torch.complex64), "dtype"),
+    (dict(dim=3, low=-math.inf), "low"), (dict(dim=3, high=math.nan), "high"),
+    (dict(dim=3, low="0"), "low"),
 ])
 def test_bad_uniform_dictionary(kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
         fierce_ext.uniform_dictionary(**kwargs)
 
 
-@pytest.mark.parametrize("args, word", [((0, 1.0, 2.0), "bins"), ((5, 2.0, 1.0), "low")])
-def test_bad_bin_dictionary(args, word):
+@pytest.mark.parametrize("args, kwargs, word", [
+    ((0, 1.0, 2.0), {}, "bins"), ((5, 2.0, 1.0), {}, "low"), ((5, 0.0, math.inf), {}, "high"),
+    ((5, 0.0, 1.0), dict(dtype=torch.int64), "dtype"),
+])
+def test_bad_bin_dictionary(args, kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
-        fierce_ext.bin_dictionary(*args)
+        fierce_ext.bin_dictionary(*args, **kwargs)
+
+
+def test_one_bin_dictionary_sits_at_low():
+    assert fierce_ext.bin_dictionary(1, 3.0, 3.0).flatten().tolist() == [3.0]
 
 
 def test_bad_histogram_entropy():
     with pytest.raises(ValueError, match="histogram"):
         fierce_ext.histogram_entropy(torch.rand(7))
+    with pytest.raises(TypeError, match="histogram"):
+        fierce_ext.histogram_entropy(torch.ones(1, 10, dtype=torch.long))
+    with pytest.raises(TypeError, match="histogram"):
+        fierce_ext.histogram_entropy([[0.5, 0.5]])
     with pytest.raises(ValueError, match="reduction"):
         fierce_ext.histogram_entropy(torch.rand(2, 7), reduction="max")
 
@@ -178,3 +192,8 @@ def test_non_finite_features_poison_whole_histogram(backend, bad, similarity, es
     p = fierce_ext.histogram(features, dictionary, similarity=similarity, estimator=estimator,
                              seed=3, backend=backend)
     assert bool(torch.isnan(p).all()), p
+
+
+def test_bad_device_for_available_backends():
+    with pytest.raises(ValueError, match="device"):
+        fierce_ext.available_backends("nodevice")

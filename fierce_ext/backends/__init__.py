@@ -117,6 +117,10 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, Ba
     and why not when it cannot."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must name a torch device, got {device!r} ({error})") from None
     return {name: status(name, device) for name in BACKENDS}
 
 
