@@ -19,8 +19,9 @@
 #    step); then tests/gpu/test_integration_gpu.py (opcheck, a compiled training step, autocast)
 #    and, time permitting, the compiled paper code;
 # 5. a summary: the 15 measured errors nearest their bounds (all of them, worst case per test,
-#    mode and quantity, in measured-errors.txt), a short fwd+bwd table, then each step's status
-#    and time, printed last.
+#    mode and quantity, in measured-errors.txt), a short fwd+bwd table, the faster of the cuda
+#    and triton backends per case (the data for `auto`), then each step's status and time,
+#    printed last.
 #
 # Results and logs go under $OUT (if set) or benchmarks/results/. Every step has a timeout and
 # the script goes on after a failure; it exits non-zero if any step failed. The whole run is
@@ -183,6 +184,14 @@ for shape, dtype in cases:
             mib = r.get("extra_mib")
             line.append(f"{r['fwdbwd_ms']:.3g}" + (f" ({mib:.0f})" if mib is not None else ""))
     print(f"| {shape} | {dtype} | " + " | ".join(line) + " |")
+# The data for `auto` on CUDA (fierce_ext/backends/__init__.py): the faster GPU backend per case.
+print("\nfaster GPU backend, fwd+bwd (the data for auto's choice on CUDA)")
+for shape, dtype in cases:
+    times = {b: cells[(shape, dtype, b)].get("fwdbwd_ms") for b in ("cuda", "triton")
+             if (shape, dtype, b) in cells}
+    if len(times) == 2 and None not in times.values():
+        fast, slow = sorted(times, key=times.get)
+        print(f"  {shape:<14} {dtype:<5} {fast} ({times[slow] / times[fast]:.2f}x {slow})")
 graphed = [r for r in rows if r.get("graph_fwdbwd_ms") or r.get("graph_note")]
 if graphed:
     print("\nfwd+bwd ms replayed from a CUDA graph (device time of the launch-bound shapes)")

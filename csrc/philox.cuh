@@ -26,7 +26,9 @@ __device__ __forceinline__ PhiloxWords philox4x32_10(uint64_t counter, uint64_t 
   uint32_t c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(seed);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+#if defined(__CUDACC__)  // host compilers (noise_cpu.cpp) do not know the pragma
 #pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t hi0 = __umulhi(0xD2511F53u, c0);
     const uint32_t lo0 = 0xD2511F53u * c0;

@@ -1,6 +1,6 @@
 """Run the GPU test modules on a CPU, to check the tests' own code before a GPU is at hand.
 
-    python tests/gpu/dry_run.py [-k EXPR | any pytest argument ...]
+    python tests/gpu/dry_run.py [-h] [-k EXPR | any pytest argument ...]
 
 The GPU tests run only on the GPU machines this project is lent for minutes at a time; a bug in
 a test (a wrong tolerance model, a shape the data cannot support) would spend that time. This
@@ -89,6 +89,9 @@ def prepare(folder: pathlib.Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):  # every other argument goes to pytest
+        print(__doc__)
+        return 0
     with tempfile.TemporaryDirectory(prefix="fierce-gpu-dry-run.") as work:
         folder = pathlib.Path(work)
         prepare(folder)
