@@ -5,6 +5,8 @@ torch has CUDA and nvcc is found (CUDA_HOME), the CUDA kernels of the `cuda` bac
 torch at build time (`pip install --no-build-isolation .`). Without torch, or when the optional
 build fails (no compiler, say), the package installs without it: the torch backend then draws
 its noise in numpy (same bits, slower) and the `cuda` backend reports why it is unavailable.
+Where the CUDA kernels were only attempted (no switch) and fail, nvcc's major version differing
+from torch's CUDA (torch refuses that build) or a compile error, the CPU op is still built.
 Environment switches:
     FIERCE_EXT_BUILD_CUDA=1   require the CUDA kernels (fail if they cannot be built)
     FIERCE_EXT_BUILD_CUDA=0   build the CPU op only
@@ -12,6 +14,8 @@ Environment switches:
 """
 
 import os
+import re
+import subprocess
 import sys
 
 from setuptools import setup
@@ -30,6 +34,17 @@ def _cuda_reason(torch, cpp_extension, switch):
         return f"torch {torch.__version__} is a CPU build"
     if not cpp_extension.CUDA_HOME:
         return "nvcc / CUDA_HOME not found"
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    try:
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    except OSError as error:
+        return f"{nvcc} cannot run ({error})"
+    release = re.search(r"release (\d+)\.(\d+)", version)
+    if release and release.group(1) != torch.version.cuda.split(".")[0]:
+        # torch.utils.cpp_extension refuses such a build; say so before trying it.
+        return (f"{nvcc} is CUDA {release.group(1)}.{release.group(2)}, torch "
+                f"{torch.__version__} was built with CUDA {torch.version.cuda}: their major "
+                f"versions must match (point CUDA_HOME at a matching toolkit)")
     return None
 
 
@@ -52,6 +67,10 @@ def _extension():
     # No -std flag: torch's BuildExtension picks the standard its headers need (C++20 for torch
     # 2.14, whose ATen.h rejects C++17). No --use_fast_math: it would change logf/expf and so
     # the Gumbel noise that every backend must share.
+    def cpu_only():
+        return cpp_extension.CppExtension(
+            name="fierce_ext._C", sources=CPU_SOURCES, extra_compile_args=["-O3"])
+
     if reason is None:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -61,20 +80,37 @@ def _extension():
     else:
         print(f"fierce_ext: not building the CUDA kernels ({reason}); the torch and triton "
               "backends do not need them")
-        extension = cpp_extension.CppExtension(
-            name="fierce_ext._C", sources=CPU_SOURCES, extra_compile_args=["-O3"])
+        extension = cpu_only()
     # Optional unless the CUDA kernels were asked for: a failed build leaves a working package.
-    extension.optional = switch not in ON
+    required = switch in ON
 
     class BuildExtension(cpp_extension.BuildExtension):
         def run(self):  # the whole step: torch checks the compiler before building anything
+            # A failed run leaves the compiler object (which torch has patched) and `inplace`
+            # changed; a retry starts from the state finalize_options left.
+            compiler, inplace = self.compiler, self.inplace
             try:
                 super().run()
+                return
             except Exception as error:  # RuntimeError from ninja, CalledProcessError, ...
-                if not all(getattr(ext, "optional", False) for ext in self.extensions):
+                if required:
                     raise
-                print(f"fierce_ext: WARNING: building fierce_ext._C failed ({error}); "
-                      "installing without it (FIERCE_EXT_BUILD_CUDA=1 makes this an error)")
+                failure = error
+            if reason is None:  # the CUDA kernels failed: the CPU op alone may still build
+                print(f"fierce_ext: WARNING: building the CUDA kernels failed ({failure}); "
+                      "building the CPU op only (FIERCE_EXT_BUILD_CUDA=1 makes this an error, "
+                      "=0 skips the attempt)")
+                # The same Extension object (finalize_options annotated it for setuptools),
+                # given the CPU op's sources, flags and libraries.
+                vars(self.extensions[0]).update(vars(cpu_only()))
+                self.compiler, self.inplace = compiler, inplace
+                try:
+                    super().run()
+                    return
+                except Exception as error:
+                    failure = error
+            print(f"fierce_ext: WARNING: building fierce_ext._C failed ({failure}); "
+                  "installing without it (FIERCE_EXT_BUILD_CUDA=1 makes this an error)")
 
     return extension, {"build_ext": BuildExtension}
 

@@ -11,8 +11,11 @@
 #      that `import fierce_ext` finds the installed one, with FIERCE_EXT_REQUIRE_EXTENSION=1.
 #      Its emulated-kernel tests need no extension and run in the main test suite; they are
 #      deselected here.
+#   4. setup.py's fallbacks, with stand-in toolkits (an nvcc script): where nvcc's major version
+#      differs from torch's CUDA, or nvcc fails to compile, an automatic build still installs the
+#      CPU noise op; with FIERCE_EXT_BUILD_CUDA=1 the mismatch is an error.
 #
-# Takes about 3 minutes on 2 cores with a fresh venv (torch install ~1 min, build ~1.5 min).
+# Takes about 4 minutes on 2 cores with a fresh venv (torch install ~1 min, build ~1.5 min).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -68,6 +71,41 @@ print('installed:', fierce_ext._C.__file__)"
         -k "not emulated" test_cuda_build.py
 )
 phase "tests/test_cuda_build.py"
+
+# 4. Fallbacks. Each stand-in nvcc answers --version; "failing" refuses every compile.
+fake_toolkit() {  # fake_toolkit NAME RELEASE
+    mkdir -p "$work/$1/bin"
+    printf '#!/bin/sh\n[ "$1" = --version ] && { echo "Cuda compilation tools, release %s"; exit 0; }\n%s\n' \
+        "$2" "echo 'stand-in nvcc: no compiling here' >&2; exit 1" >"$work/$1/bin/nvcc"
+    chmod +x "$work/$1/bin/nvcc"
+}
+fake_toolkit cuda-mismatch 12.1
+fake_toolkit cuda-failing 13.0
+for toolkit in cuda-mismatch cuda-failing; do
+    case $toolkit in
+        cuda-mismatch) expected="their major versions must match";;
+        cuda-failing) expected="building the CUDA kernels failed";;
+    esac
+    rm -rf "$work/src/build"
+    CUDA_HOME="$work/$toolkit" TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=${MAX_JOBS:-2} \
+        "$venv/bin/pip" install -v --no-build-isolation --no-deps --target "$work/$toolkit-install" \
+        "$work/src" >"$work/$toolkit.log" 2>&1 || { tail -30 "$work/$toolkit.log"; exit 1; }
+    grep -q "$expected" "$work/$toolkit.log" || { echo "$toolkit: no '$expected' in the build log" >&2; exit 1; }
+    (cd "$work/tests" && PYTHONPATH="$work/$toolkit-install" "$venv/bin/python" -c "
+from fierce_ext import _extension, noise
+assert noise.compiled_uniform() is not None, _extension.load()
+assert not _extension.has_ops('cuda_histogram_forward')
+print('$toolkit: installed the CPU noise op without the CUDA kernels')")
+done
+rm -rf "$work/src/build"
+if CUDA_HOME="$work/cuda-mismatch" FIERCE_EXT_BUILD_CUDA=1 "$venv/bin/pip" install -q \
+        --no-build-isolation --no-deps --target "$work/required-install" "$work/src" \
+        >"$work/required.log" 2>&1; then
+    echo "FIERCE_EXT_BUILD_CUDA=1 with a mismatched nvcc installed instead of failing" >&2; exit 1
+fi
+grep -q "FIERCE_EXT_BUILD_CUDA=1 but the CUDA kernels cannot be built" "$work/required.log"
+echo "FIERCE_EXT_BUILD_CUDA=1 with a mismatched nvcc: the install fails, naming why"
+phase "setup.py fallbacks (stand-in nvcc)"
 
 echo
 echo "=== CUDA build check timings"
