@@ -64,13 +64,14 @@ def _extension():
     if reason is not None and switch in ON:
         sys.exit(f"fierce_ext: FIERCE_EXT_BUILD_CUDA=1 but the CUDA kernels cannot be built: "
                  f"{reason}")
-    # No -std flag: torch's BuildExtension picks the standard its headers need (C++20 for torch
-    # 2.14, whose ATen.h rejects C++17). No --use_fast_math: it would change logf/expf and so
-    # the Gumbel noise that every backend must share.
-    def cpu_only():
+
+    def cpu_only():  # also the fallback when the CUDA kernels fail to build
         return cpp_extension.CppExtension(
             name="fierce_ext._C", sources=CPU_SOURCES, extra_compile_args=["-O3"])
 
+    # No -std flag: torch's BuildExtension picks the standard its headers need (C++20 for torch
+    # 2.14, whose ATen.h rejects C++17). No --use_fast_math: it would change logf/expf and so
+    # the Gumbel noise that every backend must share.
     if reason is None:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
