@@ -27,7 +27,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 case $stack in
     gpu-machine)
         python_version=3.12 torch_version=2.11.0 triton_version=3.6.0
-        packages=(torch==2.11.0 triton==3.6.0 'numpy<2.4')
+        extra_packages=('numpy<2.4')
         build_env=(CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 FIERCE_EXT_BUILD_CUDA=1)
         test_env=(FIERCE_EXT_REQUIRE_EXTENSION=1)  # the CUDA kernels' tests must not skip
         install_target=.
@@ -35,7 +35,7 @@ case $stack in
         ;;
     torch-floor)
         python_version=3.11 torch_version=2.4.1 triton_version=3.0.0
-        packages=(torch==2.4.1 numpy)
+        extra_packages=(numpy)
         build_env=()
         test_env=()
         install_target=".[test,experiments]"
@@ -46,6 +46,7 @@ case $stack in
         exit 2
         ;;
 esac
+packages=("torch==$torch_version" "triton==$triton_version" "${extra_packages[@]}")
 venv=${FIERCE_STACK_VENV:-/tmp/fierce-$stack-venv}
 work=$(mktemp -d "/tmp/fierce-$stack.XXXXXX")
 trap 'rm -rf "$work"' EXIT
