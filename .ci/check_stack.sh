@@ -8,11 +8,16 @@
 #                machine). numpy < 2.4: triton 3.6's interpreter fails on runtime-bounded loops
 #                with numpy >= 2.4 (triton issue 9171; the GPU machine's numpy 2.5 is fine there
 #                because nothing is interpreted).
-#   torch-floor  the oldest torch pyproject.toml admits, 2.4.1 (its CUDA 12.1 build from PyPI,
-#                with the triton 3.0.0 it pins), with this machine's Python and the experiments'
-#                packages: the whole suite. Beside nvcc 13.0, setup.py builds the CPU noise op
-#                only (the major versions differ), which is then required; the Triton tests skip
-#                (3.0.0 is older than the 3.6 the kernels need).
+#   floor        the oldest Python and torch pyproject.toml admits: Python 3.10, torch 2.4.1 (its
+#                CUDA 12.1 build from PyPI, with the triton 3.0.0 it pins), the newest numpy and
+#                experiments' packages for 3.10: the whole suite. Beside nvcc 13.0, setup.py
+#                builds the CPU noise op only (the major versions differ), which is then
+#                required; the Triton tests skip (3.0.0 is older than the 3.6 the kernels need).
+#   newest       the newest Python this machine has, 3.13, with the newest torch its pip admits,
+#                2.14.1 (the CUDA 13.0 build from PyPI) and the triton 3.8.0 it pins, and the
+#                experiments' packages: the whole suite, as a user with a current Python runs it.
+#                The CPU noise op only (required): .ci/check_cuda_build.sh builds the CUDA kernels
+#                against this torch.
 #
 # Each stack gets a venv OUTSIDE the repo (reused when a previous run left a working one;
 # FIERCE_STACK_VENV picks its path; torch and its CUDA libraries from PyPI, 4-5 GB), an editable
@@ -33,16 +38,24 @@ case $stack in
         install_target=.
         pytest_args=(--ignore=tests/experiments)
         ;;
-    torch-floor)
-        python_version=3.11 torch_version=2.4.1 triton_version=3.0.0
+    floor)
+        python_version=3.10 torch_version=2.4.1 triton_version=3.0.0
         extra_packages=(numpy)
         build_env=()
         test_env=()
         install_target=".[test,experiments]"
         pytest_args=()
         ;;
+    newest)
+        python_version=3.13 torch_version=2.14.1 triton_version=3.8.0
+        extra_packages=(numpy)
+        build_env=(FIERCE_EXT_BUILD_CUDA=0)
+        test_env=()
+        install_target=".[test,experiments]"
+        pytest_args=()
+        ;;
     *)
-        echo "usage: $0 gpu-machine|torch-floor" >&2
+        echo "usage: $0 gpu-machine|floor|newest" >&2
         exit 2
         ;;
 esac
