@@ -152,7 +152,7 @@ def default_dictionary(dim: int, bins: int, heads: int, device: torch.device,
     # isinstance test can tell them apart; dynamo before torch 2.5 cannot trace guard_scalar,
     # and there a dynamic D stays unsupported.
     if _GUARD_SCALAR_TRACES:
-        dim = guard_scalar(dim)
+        dim = int(guard_scalar(dim))
     return _constant_dictionary(dim, bins, heads, torch.device(device), float64)
 
 

@@ -1,4 +1,4 @@
-"""The source distribution builds what a checkout builds.
+"""The source distribution builds what a checkout builds; the wheel carries the py.typed marker.
 
 `pip install fierce_ext-<version>.tar.gz` (a release, `pip download`, a wheel built from an
 sdist) compiles fierce_ext._C from the files the sdist carries. setup.py names only the sources
@@ -23,9 +23,9 @@ BUILD_FILES = ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "LICENS
 SOURCE_SUFFIXES = {".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp"}
 
 
-def _sdist_names(tmp_path):
-    """The paths inside an sdist, and the build's output, made, on a CPU-only build configuration, from a copy of the
-    checkout's build inputs (so that no egg-info lands in the checkout)."""
+def _setup(tmp_path, *command):
+    """Runs `setup.py *command` on a CPU-only build configuration in a copy of the checkout's
+    build inputs (so that no egg-info lands in the checkout); returns the completed process."""
     tree = tmp_path / "tree"
     tree.mkdir()
     for name in BUILD_FILES:
@@ -35,9 +35,13 @@ def _sdist_names(tmp_path):
     for folder in ("fierce_ext", "csrc"):
         shutil.copytree(ROOT / folder, tree / folder, ignore=ignore)
     env = dict(os.environ, FIERCE_EXT_BUILD_CUDA="0")
-    build = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d",
-                            str(tmp_path / "dist")],
-                           cwd=tree, env=env, check=True, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "setup.py", "-q", *command], cwd=tree, env=env,
+                          check=True, capture_output=True, text=True)
+
+
+def _sdist_names(tmp_path):
+    """The paths inside an sdist, and the build's output."""
+    build = _setup(tmp_path, "sdist", "-d", str(tmp_path / "dist"))
     (archive,) = (tmp_path / "dist").glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
@@ -65,3 +69,12 @@ def test_sdist_has_the_license_and_no_deprecated_metadata(tmp_path):
     names, output = _sdist_names(tmp_path)
     assert "LICENSE" in names
     assert "SetuptoolsDeprecationWarning" not in output, output
+
+
+def test_wheel_carries_the_py_typed_marker(tmp_path):
+    # PEP 561: without fierce_ext/py.typed in the installed package, mypy and pyright ignore its
+    # annotations (an untyped import). build_py copies what a wheel gets besides the extension.
+    lib = tmp_path / "lib"
+    _setup(tmp_path, "build_py", "--build-lib", str(lib))
+    assert (lib / "fierce_ext" / "functional.py").is_file()
+    assert (lib / "fierce_ext" / "py.typed").is_file()

@@ -541,8 +541,9 @@ def _seed_words(seed: int) -> tuple[int, int]:
     kernel argument types never change with the seed's value."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
-    words = [seed & _MASK32, (seed >> 32) & _MASK32]
-    return tuple(w - 2**32 if w >= 2**31 else w for w in words)
+    low, high = (w - 2**32 if w >= 2**31 else w
+                 for w in (seed & _MASK32, (seed >> 32) & _MASK32))
+    return low, high
 
 
 # triton.cdiv and triton.next_power_of_2 are constexpr functions: called from host code they
