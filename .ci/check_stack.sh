@@ -8,9 +8,9 @@
 #                machine). numpy < 2.4: triton 3.6's interpreter fails on runtime-bounded loops
 #                with numpy >= 2.4 (triton issue 9171; the GPU machine's numpy 2.5 is fine there
 #                because nothing is interpreted).
-#   floor        the oldest Python and torch pyproject.toml admits: Python 3.10, torch 2.4.1 (its
-#                CUDA 12.1 build from PyPI, with the triton 3.0.0 it pins), the newest numpy and
-#                experiments' packages for 3.10: the whole suite. Beside nvcc 13.0, setup.py
+#   floor        the oldest Python, torch and numpy pyproject.toml admits: Python 3.10, torch
+#                2.4.1 (its CUDA 12.1 build from PyPI, with the triton 3.0.0 it pins), numpy
+#                1.26.4, and the experiments' packages: the whole suite. Beside nvcc 13.0, setup.py
 #                builds the CPU noise op only (the major versions differ), which is then
 #                required; the Triton tests skip (3.0.0 is older than the 3.6 the kernels need).
 #   newest       the newest Python this machine has, 3.13, with the newest torch its pip admits,
@@ -40,7 +40,7 @@ case $stack in
         ;;
     floor)
         python_version=3.10 torch_version=2.4.1 triton_version=3.0.0
-        extra_packages=(numpy)
+        extra_packages=(numpy==1.26.4)
         build_env=()
         test_env=()
         install_target=".[test,experiments]"
@@ -104,8 +104,9 @@ tar -C "$repo" --exclude=.git --exclude=build --exclude='*.egg-info' --exclude='
     --exclude=.pytest_cache --exclude=.hypothesis --exclude=__pycache__ -cf - . \
     | tar -C "$work/src" -xf -
 cd "$work/src"
+# The stack's pins ride along, so that the extras cannot move them (pip would rather fail).
 env "${build_env[@]}" MAX_JOBS="${MAX_JOBS:-2}" \
-    "$venv/bin/pip" install -q --no-build-isolation -e "$install_target"
+    "$venv/bin/pip" install -q --no-build-isolation -e "$install_target" "${packages[@]}"
 "$venv/bin/python" -m fierce_ext | sed -n 1,6p
 "$venv/bin/python" -c "from fierce_ext import noise, _extension
 assert noise.compiled_uniform() is not None, _extension.load() or 'philox_uniform_ not registered'"
