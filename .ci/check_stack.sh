@@ -79,10 +79,11 @@ if [[ -z $python ]]; then
     exit 0
 fi
 
-if "$venv/bin/python" - "$torch_version" "$triton_version" <<'EOF' 2>/dev/null
+if "$venv/bin/python" - "$python_version" "$torch_version" "$triton_version" <<'EOF' 2>/dev/null
 import sys, torch, triton, numpy, pytest, hypothesis, ninja, setuptools  # noqa: F401
-sys.exit(0 if torch.__version__.split("+")[0] == sys.argv[1]
-         and triton.__version__ == sys.argv[2] else 1)
+sys.exit(0 if "%d.%d" % sys.version_info[:2] == sys.argv[1]
+         and torch.__version__.split("+")[0] == sys.argv[2]
+         and triton.__version__ == sys.argv[3] else 1)
 EOF
 then
     echo "reusing $venv"
