@@ -31,6 +31,7 @@ from .noise import SEED_LIMIT, draw_seed
 from . import ops
 
 ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
+DEFAULT_BINS, DEFAULT_HEADS = 100, 1  # the default dictionary's size (the paper's K = 100)
 REDUCTIONS = ("mean", "none")
 
 ENTROPY_EPS = backends.ENTROPY_EPS  # the paper's guard inside the logarithm
@@ -103,14 +104,15 @@ def histogram_entropy(histogram: Tensor, reduction: str = "mean") -> Tensor:
     return backends.entropy_bits(histogram, reduction)
 
 
-def entropy(features: Tensor, dictionary: Tensor | None = None, *, bins: int = 100,
-            heads: int = 1, similarity: str = "cosine", estimator: str = "gumbel_hard",
+def entropy(features: Tensor, dictionary: Tensor | None = None, *, bins: int | None = None,
+            heads: int | None = None, similarity: str = "cosine", estimator: str = "gumbel_hard",
             tau: float = 1.0, seed: int | None = None, reduction: str = "mean",
             backend: str = "auto", sync: bool = False, process_group=None) -> Tensor:
     """The FIERCE feature entropy of a batch, in bits; training subtracts lambda times it.
 
     With `dictionary=None`, a cached `uniform_dictionary(D, bins, heads, seed=0)` on the
-    features' device is used (`bins` and `heads` are ignored when a dictionary is given).
+    features' device is used (bins 100 and heads 1 unless given). A given dictionary fixes them:
+    leave them out, or they must match it.
     Returns a 0-d tensor (reduction="mean") or one value per head (reduction="none"), in
     float32 (float64 for float64 features), also for float16/bfloat16 features and under
     torch.autocast (the op computes in float32; the feature gradient keeps the features' dtype).
@@ -127,10 +129,13 @@ def entropy(features: Tensor, dictionary: Tensor | None = None, *, bins: int = 1
     if dictionary is None:
         # Valid by construction (and a traced constant under torch.compile, whose attributes
         # such as requires_grad dynamo cannot read): skip the dictionary checks.
-        dictionary = default_dictionary(features.shape[1], bins, heads, features.device,
-                                        features.dtype == torch.float64)
+        dictionary = default_dictionary(
+            features.shape[1], DEFAULT_BINS if bins is None else bins,
+            DEFAULT_HEADS if heads is None else heads, features.device,
+            features.dtype == torch.float64)
     else:
         _check_dictionary(dictionary, features)
+        check_dictionary_size(dictionary, bins, heads)
     tau, name, seed_tensor, group = _checked_options(features, similarity, estimator, tau, seed,
                                                      backend, 0, sync, process_group)
     if group is not None:
@@ -227,6 +232,16 @@ def _check_dictionary(dictionary, features: Tensor) -> None:
     if dictionary.requires_grad:
         raise ValueError("dictionary requires grad, but FIERCE keeps it fixed; pass "
                          "dictionary.detach() (or register it as a buffer)")
+
+
+def check_dictionary_size(dictionary: Tensor, bins: int | None, heads: int | None) -> None:
+    """A given dictionary (heads, dim, bins) fixes bins and heads: an explicit value must agree."""
+    for name, value, size in (("heads", heads, dictionary.shape[0]),
+                              ("bins", bins, dictionary.shape[2])):
+        if value is not None and value != size:
+            raise ValueError(f"{name}={value!r} does not match the dictionary's {size} {name} "
+                             f"(shape {tuple(dictionary.shape)}); leave {name} out when passing "
+                             f"a dictionary")
 
 
 def _check_choice(name: str, value, choices) -> None:

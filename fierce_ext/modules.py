@@ -7,14 +7,17 @@ import math
 from torch import Tensor, nn
 
 from .dictionary import SIMILARITIES, uniform_dictionary
-from .functional import ESTIMATORS, _check_choice, _check_tau, entropy
+from .functional import (DEFAULT_BINS, DEFAULT_HEADS, ESTIMATORS, _check_choice, _check_tau,
+                         check_dictionary_size, entropy)
 
 
 class FeatureEntropy(nn.Module):
     """Feature entropy in bits of a batch of `dim`-dimensional features.
 
     The dictionary (heads, dim, bins) is a buffer: saved in the state_dict, moved by `.to()`,
-    never trained. By default it is `uniform_dictionary(dim, bins, heads, seed=0)`. Each forward
+    never trained. By default it is `uniform_dictionary(dim, bins, heads, seed=0)` (bins 100 and
+    heads 1 unless given); a given dictionary fixes bins and heads (leave them out, or they must
+    match it). Each forward
     draws new Gumbel noise from torch's default generator (pass `seed=` to fix it).
 
     `sync=True` (or `process_group=`): under torch.distributed (e.g. with DDP) the entropy is that
@@ -26,8 +29,8 @@ class FeatureEntropy(nn.Module):
 
     dictionary: Tensor
 
-    def __init__(self, dim: int, bins: int = 100, heads: int = 1, similarity: str = "cosine",
-                 estimator: str = "gumbel_hard", tau: float = 1.0,
+    def __init__(self, dim: int, bins: int | None = None, heads: int | None = None,
+                 similarity: str = "cosine", estimator: str = "gumbel_hard", tau: float = 1.0,
                  dictionary: Tensor | None = None, backend: str = "auto", sync: bool = False,
                  process_group=None):
         super().__init__()
@@ -38,11 +41,14 @@ class FeatureEntropy(nn.Module):
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
         self.sync, self.process_group = sync, process_group
         if dictionary is None:
-            dictionary = uniform_dictionary(dim, bins, heads, seed=0)
+            dictionary = uniform_dictionary(dim, DEFAULT_BINS if bins is None else bins,
+                                            DEFAULT_HEADS if heads is None else heads, seed=0)
         elif not isinstance(dictionary, Tensor) or dictionary.dim() != 3:
             raise ValueError("dictionary must be a 3-D tensor (heads, dim, bins)")
         elif dictionary.shape[1] != dim:
             raise ValueError(f"dictionary dim {dictionary.shape[1]} does not match dim {dim}")
+        else:
+            check_dictionary_size(dictionary, bins, heads)
         self.register_buffer("dictionary", dictionary.detach().clone())
         self.similarity, self.estimator, self.backend = similarity, estimator, backend
 

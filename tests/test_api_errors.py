@@ -79,6 +79,9 @@ def test_bad_input(call, case, kwargs, error, word):
     (dict(dictionary=None, bins=0), "bins"),
     (dict(dictionary=None, heads=0), "heads"),
     (dict(dictionary=None, bins=2.5), "bins"),
+    # A given dictionary (here 2 heads x 7 bins) fixes bins and heads: no silent override.
+    (dict(bins=100), "bins=100 does not match the dictionary's 7 bins"),
+    (dict(heads=1), "heads=1 does not match the dictionary's 2 heads"),
 ])
 def test_bad_entropy_only_input(kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
@@ -106,6 +109,8 @@ def test_unavailable_backend_lists_available():
     (dict(dim=5, tau=0.0), "tau"),
     (dict(dim=5, dictionary=torch.rand(5, 7)), "dictionary"),
     (dict(dim=5, dictionary=torch.rand(1, 4, 7)), "dim"),
+    (dict(dim=5, bins=100, dictionary=torch.rand(1, 5, 7)), "bins=100 does not match"),
+    (dict(dim=5, heads=2, dictionary=torch.rand(1, 5, 7)), "heads=2 does not match"),
 ])
 def test_bad_module_arguments(kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
