@@ -135,7 +135,7 @@ def entropy(features: Tensor, dictionary: Tensor | None = None, *, bins: int | N
             features.dtype == torch.float64)
     else:
         _check_dictionary(dictionary, features)
-        check_dictionary_size(dictionary, bins, heads)
+        _check_dictionary_size(dictionary, bins, heads)
     tau, name, seed_tensor, group = _checked_options(features, similarity, estimator, tau, seed,
                                                      backend, 0, sync, process_group)
     if group is not None:
@@ -234,7 +234,7 @@ def _check_dictionary(dictionary, features: Tensor) -> None:
                          "dictionary.detach() (or register it as a buffer)")
 
 
-def check_dictionary_size(dictionary: Tensor, bins: int | None, heads: int | None) -> None:
+def _check_dictionary_size(dictionary: Tensor, bins: int | None, heads: int | None) -> None:
     """A given dictionary (heads, dim, bins) fixes bins and heads: an explicit value must agree."""
     for name, value, size in (("heads", heads, dictionary.shape[0]),
                               ("bins", bins, dictionary.shape[2])):

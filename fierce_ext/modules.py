@@ -7,8 +7,8 @@ import math
 from torch import Tensor, nn
 
 from .dictionary import SIMILARITIES, uniform_dictionary
-from .functional import (DEFAULT_BINS, DEFAULT_HEADS, ESTIMATORS, _check_choice, _check_tau,
-                         check_dictionary_size, entropy)
+from .functional import (DEFAULT_BINS, DEFAULT_HEADS, ESTIMATORS, _check_choice,
+                         _check_dictionary_size, _check_tau, entropy)
 
 
 class FeatureEntropy(nn.Module):
@@ -17,8 +17,8 @@ class FeatureEntropy(nn.Module):
     The dictionary (heads, dim, bins) is a buffer: saved in the state_dict, moved by `.to()`,
     never trained. By default it is `uniform_dictionary(dim, bins, heads, seed=0)` (bins 100 and
     heads 1 unless given); a given dictionary fixes bins and heads (leave them out, or they must
-    match it). Each forward
-    draws new Gumbel noise from torch's default generator (pass `seed=` to fix it).
+    match it). Each forward draws new Gumbel noise from torch's default generator (pass `seed=`
+    to fix it).
 
     `sync=True` (or `process_group=`): under torch.distributed (e.g. with DDP) the entropy is that
     of the histogram of the global batch across the group, with SyncBatchNorm-style gradients, so
@@ -48,7 +48,7 @@ class FeatureEntropy(nn.Module):
         elif dictionary.shape[1] != dim:
             raise ValueError(f"dictionary dim {dictionary.shape[1]} does not match dim {dim}")
         else:
-            check_dictionary_size(dictionary, bins, heads)
+            _check_dictionary_size(dictionary, bins, heads)
         self.register_buffer("dictionary", dictionary.detach().clone())
         self.similarity, self.estimator, self.backend = similarity, estimator, backend
 
