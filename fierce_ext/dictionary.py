@@ -18,6 +18,8 @@ import weakref
 
 import torch
 
+from ._arguments import as_int, as_real
+
 SIMILARITIES = ("dot", "cosine", "distance")
 
 # Norms below this are treated as this (a zero feature row or atom has no direction; its
@@ -34,10 +36,11 @@ def uniform_dictionary(dim: int, bins: int = 100, heads: int = 1, low: float = -
     The draw happens on the CPU in float32, so the same seed gives the same atoms on every device
     (also under torch.set_default_device); `device=None` means torch's default device.
     """
-    _check_positive_int("dim", dim)
-    _check_positive_int("bins", bins)
-    _check_positive_int("heads", heads)
-    _check_bounds(low, high)
+    dim, bins, heads = (_positive_int("dim", dim), _positive_int("bins", bins),
+                        _positive_int("heads", heads))
+    low, high = _bounds(low, high)
+    if seed is not None:
+        seed = as_int("seed", seed, "an int or None")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch._C._DisableFuncTorch():  # a function of `seed`: never mapped by torch.func.vmap
         atoms = torch.rand(heads, dim, bins, generator=generator, dtype=torch.float32,
@@ -53,9 +56,8 @@ def bin_dictionary(bins: int, low: float, high: float, heads: int = 1, device=No
     For one-dimensional features with similarity="distance": the age experiment uses
     bin_dictionary(100, 1, 100), i.e. centres at 1, 2, ..., 100.
     """
-    _check_positive_int("bins", bins)
-    _check_positive_int("heads", heads)
-    _check_bounds(low, high, ordered=bins > 1)  # one bin sits at `low`
+    bins, heads = _positive_int("bins", bins), _positive_int("heads", heads)
+    low, high = _bounds(low, high, ordered=bins > 1)  # one bin sits at `low`
     centres = torch.linspace(low, high, bins, dtype=torch.float64, device="cpu")
     centres = centres.view(1, 1, bins).expand(heads, 1, bins).contiguous()
     return _placed(centres, device, dtype)
@@ -133,18 +135,18 @@ def derived(dictionary: torch.Tensor, key, build):
     return value
 
 
-def _check_bounds(low, high, ordered: bool = True) -> None:
+def _bounds(low, high, ordered: bool = True) -> tuple[float, float]:
+    low, high = as_real("low", low), as_real("high", high)
     for name, value in (("low", low), ("high", high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
         if not -math.inf < value < math.inf:
             raise ValueError(f"{name} must be finite, got {value}")
     if ordered and not low < high:
         raise ValueError(f"low must be < high, got low={low}, high={high}")
+    return low, high
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+def _positive_int(name: str, value) -> int:
+    value = as_int(name, value)
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    return value

@@ -26,6 +26,7 @@ from torch.fx.experimental.symbolic_shapes import guard_scalar
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import backends, distributed
+from ._arguments import as_int, as_real, check_dense
 from .dictionary import SIMILARITIES, uniform_dictionary
 from .noise import SEED_LIMIT, draw_seed
 from . import ops
@@ -66,8 +67,8 @@ def histogram(features: Tensor, dictionary: Tensor, *, similarity: str = "cosine
 def _checked_histogram(features, dictionary, similarity, estimator, tau, seed, backend,
                        row_offset, sync, process_group) -> Tensor:
     """`histogram` once features and dictionary are known to be valid."""
-    tau, name, seed_tensor, group = _checked_options(features, similarity, estimator, tau, seed,
-                                                     backend, row_offset, sync, process_group)
+    tau, row_offset, name, seed_tensor, group = _checked_options(
+        features, similarity, estimator, tau, seed, backend, row_offset, sync, process_group)
     if group is not None:
         return distributed.global_histogram(features, dictionary, seed_tensor, similarity,
                                             estimator, tau, row_offset, name, group)
@@ -78,18 +79,18 @@ def _checked_histogram(features, dictionary, similarity, estimator, tau, seed, b
 
 def _checked_options(features, similarity, estimator, tau, seed, backend, row_offset, sync,
                      process_group):
-    """The checked options of a call: (tau, backend name, seed tensor, process group or None)."""
+    """The checked options of a call: (tau, row_offset, backend name, seed tensor, process group
+    or None)."""
     _check_choice("similarity", similarity, SIMILARITIES)
     _check_choice("estimator", estimator, ESTIMATORS)
     tau = _check_tau(tau)
-    if not isinstance(row_offset, int) or isinstance(row_offset, bool) or row_offset < 0:
+    row_offset = as_int("row_offset", row_offset, "a non-negative int")
+    if row_offset < 0:
         raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend != "auto" and backend not in backends.BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
+    _check_backend(backend)
     group = _sync_group(sync, process_group)
-    return tau, _resolve_backend(backend, features.device), _seed_tensor(seed), group
+    return (tau, row_offset, _resolve_backend(backend, features.device), _seed_tensor(seed),
+            group)
 
 
 def histogram_entropy(histogram: Tensor, reduction: str = "mean") -> Tensor:
@@ -99,6 +100,7 @@ def histogram_entropy(histogram: Tensor, reduction: str = "mean") -> Tensor:
         raise TypeError(f"histogram must be a torch.Tensor, got {type(histogram).__name__}")
     if not histogram.dtype.is_floating_point:
         raise TypeError(f"histogram must be a floating-point tensor, got {histogram.dtype}")
+    check_dense("histogram", histogram)
     if histogram.dim() != 2:
         raise ValueError(f"histogram must be 2-D (heads, bins), got shape {tuple(histogram.shape)}")
     return backends.entropy_bits(histogram, reduction)
@@ -129,15 +131,16 @@ def entropy(features: Tensor, dictionary: Tensor | None = None, *, bins: int | N
     if dictionary is None:
         # Valid by construction (and a traced constant under torch.compile, whose attributes
         # such as requires_grad dynamo cannot read): skip the dictionary checks.
+        # (Plain ints before the cache, whose keys would take 100.0 for 100.)
         dictionary = default_dictionary(
-            features.shape[1], DEFAULT_BINS if bins is None else bins,
-            DEFAULT_HEADS if heads is None else heads, features.device,
+            features.shape[1], DEFAULT_BINS if bins is None else as_int("bins", bins),
+            DEFAULT_HEADS if heads is None else as_int("heads", heads), features.device,
             features.dtype == torch.float64)
     else:
         _check_dictionary(dictionary, features)
         _check_dictionary_size(dictionary, bins, heads)
-    tau, name, seed_tensor, group = _checked_options(features, similarity, estimator, tau, seed,
-                                                     backend, 0, sync, process_group)
+    tau, _, name, seed_tensor, group = _checked_options(
+        features, similarity, estimator, tau, seed, backend, 0, sync, process_group)
     if group is not None:
         hist = distributed.global_histogram(features, dictionary, seed_tensor, similarity,
                                             estimator, tau, 0, name, group)
@@ -204,6 +207,7 @@ def _check_features(features) -> None:
     if not features.dtype.is_floating_point:
         raise TypeError(f"features must be a floating-point tensor (float16, bfloat16, float32 "
                         f"or float64), got {features.dtype}")
+    check_dense("features", features)
     if features.dim() != 2:
         raise ValueError(f"features must be 2-D (batch, dim), got shape {tuple(features.shape)}")
     if features.shape[0] == 0:
@@ -217,6 +221,7 @@ def _check_dictionary(dictionary, features: Tensor) -> None:
         raise TypeError(f"dictionary must be a torch.Tensor, got {type(dictionary).__name__}")
     if not dictionary.dtype.is_floating_point:
         raise TypeError(f"dictionary must be a floating-point tensor, got {dictionary.dtype}")
+    check_dense("dictionary", dictionary)
     if dictionary.dim() != 3:
         raise ValueError(f"dictionary must be 3-D (heads, dim, bins), got shape "
                          f"{tuple(dictionary.shape)}")
@@ -238,7 +243,7 @@ def _check_dictionary_size(dictionary: Tensor, bins: int | None, heads: int | No
     """A given dictionary (heads, dim, bins) fixes bins and heads: an explicit value must agree."""
     for name, value, size in (("heads", heads, dictionary.shape[0]),
                               ("bins", bins, dictionary.shape[2])):
-        if value is not None and value != size:
+        if value is not None and as_int(name, value) != size:
             raise ValueError(f"{name}={value!r} does not match the dictionary's {size} {name} "
                              f"(shape {tuple(dictionary.shape)}); leave {name} out when passing "
                              f"a dictionary")
@@ -249,19 +254,24 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _check_backend(backend) -> None:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend != "auto" and backend not in backends.BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {backends.BACKENDS}, got {backend!r}")
+
+
 def _check_tau(tau) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
+    tau = as_real("tau", tau)
     if not 0 < tau < math.inf:  # also false for NaN; comparisons (not math.isfinite) trace
         raise ValueError(f"tau must be finite and > 0, got {tau}")
-    return float(tau)
+    return tau
 
 
 def _seed_tensor(seed) -> Tensor:
     if seed is None:
         return draw_seed()  # a tensor: no .item() in a compiled graph
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    seed = as_int("seed", seed, "an int or None")
     if not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     return torch.tensor(seed, dtype=torch.int64)

@@ -6,8 +6,9 @@ import math
 
 from torch import Tensor, nn
 
+from ._arguments import as_int, as_real, check_dense
 from .dictionary import SIMILARITIES, uniform_dictionary
-from .functional import (DEFAULT_BINS, DEFAULT_HEADS, ESTIMATORS, _check_choice,
+from .functional import (DEFAULT_BINS, DEFAULT_HEADS, ESTIMATORS, _check_backend, _check_choice,
                          _check_dictionary_size, _check_tau, entropy)
 
 
@@ -40,6 +41,8 @@ class FeatureEntropy(nn.Module):
         if not isinstance(sync, bool):
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
         self.sync, self.process_group = sync, process_group
+        _check_backend(backend)
+        dim = as_int("dim", dim)
         if dictionary is None:
             dictionary = uniform_dictionary(dim, DEFAULT_BINS if bins is None else bins,
                                             DEFAULT_HEADS if heads is None else heads, seed=0)
@@ -48,6 +51,7 @@ class FeatureEntropy(nn.Module):
         elif dictionary.shape[1] != dim:
             raise ValueError(f"dictionary dim {dictionary.shape[1]} does not match dim {dim}")
         else:
+            check_dense("dictionary", dictionary)
             _check_dictionary_size(dictionary, bins, heads)
         self.register_buffer("dictionary", dictionary.detach().clone())
         self.similarity, self.estimator, self.backend = similarity, estimator, backend
@@ -91,9 +95,9 @@ class FIERCELoss(nn.Module):
     def __init__(self, dim: int, lam: float = 1.0, criterion: nn.Module | None = None,
                  **feature_entropy_kwargs):
         super().__init__()
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        self.lam = as_real("lam", lam)
+        if not math.isfinite(self.lam):
             raise ValueError(f"lam must be a finite real number, got {lam!r}")
-        self.lam = float(lam)
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.feature_entropy = FeatureEntropy(dim, **feature_entropy_kwargs)
         self.last_entropy: Tensor | None = None

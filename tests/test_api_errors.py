@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +14,9 @@ from oracle import ESTIMATORS, SIMILARITIES
 
 F = torch.randn(8, 5)
 W = torch.rand(2, 5, 7)
+with warnings.catch_warnings():  # torch calls both layouts beta / prototype
+    warnings.simplefilter("ignore", UserWarning)
+    F_CSR, F_NESTED = F.to_sparse_csr(), torch.nested.nested_tensor([F, F[:3]])
 
 
 def _entropy(**kwargs):
@@ -37,6 +42,9 @@ BAD_INPUTS = [
     ("features-not-tensor", dict(features=[[1.0, 2.0]]), TypeError, "features"),
     ("features-int", dict(features=torch.ones(8, 5, dtype=torch.int64)), TypeError, "features"),
     ("features-bool", dict(features=torch.ones(8, 5, dtype=torch.bool)), TypeError, "features"),
+    ("features-sparse", dict(features=F.to_sparse()), TypeError, "features must be a dense"),
+    ("features-sparse-csr", dict(features=F_CSR), TypeError, "features must be a dense"),
+    ("features-nested", dict(features=F_NESTED), TypeError, "features must be a dense"),
     ("batch-0", dict(features=torch.randn(0, 5)), ValueError, "features"),
     ("dim-0", dict(features=torch.randn(8, 0), dictionary=torch.rand(2, 0, 7)), ValueError,
      "features"),
@@ -46,6 +54,7 @@ BAD_INPUTS = [
     ("dictionary-int", dict(dictionary=torch.ones(2, 5, 7, dtype=torch.int32)), TypeError,
      "dictionary"),
     ("dictionary-not-tensor", dict(dictionary=[[[1.0]]]), TypeError, "dictionary"),
+    ("dictionary-sparse", dict(dictionary=W.to_sparse()), TypeError, "dictionary must be a dense"),
     ("dictionary-requires-grad", dict(dictionary=torch.rand(2, 5, 7, requires_grad=True)),
      ValueError, "detach"),
     ("dictionary-zero-heads", dict(dictionary=torch.rand(0, 5, 7)), ValueError, "dictionary"),
@@ -64,6 +73,10 @@ BAD_INPUTS = [
     ("seed-negative", dict(seed=-1), ValueError, "seed"),
     ("seed-too-large", dict(seed=2**63), ValueError, "seed"),
     ("seed-float", dict(seed=1.5), TypeError, "seed"),
+    ("seed-integral-float", dict(seed=3.0), TypeError, "seed"),
+    ("seed-tensor", dict(seed=torch.tensor(3)), TypeError, "seed"),
+    ("seed-bool", dict(seed=True), TypeError, "seed"),
+    ("seed-numpy-bool", dict(seed=np.bool_(True)), TypeError, "seed"),
 ]
 
 
@@ -88,9 +101,43 @@ def test_bad_entropy_only_input(kwargs, word):
         _entropy(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(bins=100.0), dict(heads=1.0)])
+def test_float_size_refused_when_its_dictionary_is_cached(kwargs):
+    # The default dictionary's cache takes 100.0 and 100 for one key: a float must be refused
+    # before it gets there, also once the int's entry exists.
+    _entropy(dictionary=None, bins=100, heads=1)
+    with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be an int"):
+        _entropy(dictionary=None, **kwargs)
+
+
 def test_bad_row_offset():
     with pytest.raises(ValueError, match="row_offset"):
         _histogram(row_offset=-1)
+    with pytest.raises(TypeError, match="row_offset"):
+        _histogram(row_offset=2.0)
+
+
+def test_numpy_scalars_are_accepted_as_python_numbers():
+    # Seeds, sizes and rates often come out of numpy (schedules, configs, np.random): numpy's
+    # integer and floating scalars act as the Python ints and floats of the same value.
+    python = dict(seed=3, tau=0.5, bins=10, heads=2, dictionary=None)
+    numpy = dict(seed=np.int64(3), tau=np.float32(0.5), bins=np.int32(10), heads=np.uint8(2),
+                 dictionary=None)
+    torch.testing.assert_close(_entropy(**numpy), _entropy(**python), rtol=0, atol=0)
+    torch.testing.assert_close(_histogram(row_offset=np.int64(4), tau=np.float32(0.25)),
+                               _histogram(row_offset=4, tau=0.25), rtol=0, atol=0)
+    module = fierce_ext.FeatureEntropy(np.int64(5), bins=np.int16(7), heads=np.int64(2),
+                                       tau=np.float64(0.5))
+    assert (module.bins, module.heads, type(module.tau)) == (7, 2, float)
+    torch.testing.assert_close(module(F, seed=np.int64(1)), _entropy(seed=1, tau=0.5,
+                               dictionary=fierce_ext.uniform_dictionary(5, 7, 2)), rtol=0, atol=0)
+    assert type(fierce_ext.FIERCELoss(5, lam=np.float32(0.25)).lam) is float
+    torch.testing.assert_close(
+        fierce_ext.uniform_dictionary(np.int64(3), np.int32(4), np.int8(2), low=np.float32(-0.5),
+                                      high=np.int64(2), seed=np.uint16(7)),
+        fierce_ext.uniform_dictionary(3, 4, 2, low=-0.5, high=2, seed=7), rtol=0, atol=0)
+    torch.testing.assert_close(fierce_ext.bin_dictionary(np.int64(5), np.float64(0), np.int8(4)),
+                               fierce_ext.bin_dictionary(5, 0.0, 4.0), rtol=0, atol=0)
 
 
 def test_unavailable_backend_lists_available():
@@ -111,6 +158,11 @@ def test_unavailable_backend_lists_available():
     (dict(dim=5, dictionary=torch.rand(1, 4, 7)), "dim"),
     (dict(dim=5, bins=100, dictionary=torch.rand(1, 5, 7)), "bins=100 does not match"),
     (dict(dim=5, heads=2, dictionary=torch.rand(1, 5, 7)), "heads=2 does not match"),
+    (dict(dim=5.0), "dim must be an int"),
+    (dict(dim=5, dictionary=torch.rand(1, 5, 7).to_sparse()), "dictionary must be a dense"),
+    # Checked when the module is built, not at its first forward.
+    (dict(dim=5, backend="numpy"), "backend"),
+    (dict(dim=5, backend=None), "backend"),
 ])
 def test_bad_module_arguments(kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
@@ -157,6 +209,8 @@ def test_bad_histogram_entropy():
         fierce_ext.histogram_entropy([[0.5, 0.5]])
     with pytest.raises(ValueError, match="reduction"):
         fierce_ext.histogram_entropy(torch.rand(2, 7), reduction="max")
+    with pytest.raises(TypeError, match="histogram must be a dense"):
+        fierce_ext.histogram_entropy(torch.rand(2, 7).to_sparse())
 
 
 # ------------------------------------------------------------------------------ NaN and Inf

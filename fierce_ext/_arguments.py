@@ -1,0 +1,41 @@
+"""Checks of the public arguments that several modules share; each error names the argument.
+
+Integers are anything `numbers.Integral` and reals anything `numbers.Real` (numpy's scalars
+included, as torch's own factories accept them), bool excepted; the checks return plain Python
+ints and floats, so that what reaches the backends and torch.compile's guards is always one.
+Plain ints and floats take the first branch, the only one dynamo ever traces.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+
+def as_int(name: str, value, what: str = "an int") -> int:
+    """`value` as a Python int; TypeError naming `name` for anything else (bool included)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, torch.Tensor)):
+        return int(value)
+    raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+
+
+def as_real(name: str, value) -> float:
+    """`value` as a Python float (NaN and Inf pass: the caller bounds it)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)):
+        return float(value)
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+def check_dense(name: str, tensor: torch.Tensor) -> None:
+    """The backends read strided memory: sparse, MKL-DNN and nested tensors are refused."""
+    if tensor.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor; "
+                        f"concatenate its rows")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}; "
+                        f"convert it with .to_dense()")
