@@ -31,6 +31,19 @@ def as_real(name: str, value) -> float:
     raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
 
 
+def check_floating_tensor(name: str, value, axes: tuple[str, ...]) -> None:
+    """`value` must be a dense floating-point tensor with one dimension per name in `axes`."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+                        f"float64), got {value.dtype}")
+    check_dense(name, value)
+    if value.dim() != len(axes):
+        raise ValueError(f"{name} must be {len(axes)}-D ({', '.join(axes)}), got shape "
+                         f"{tuple(value.shape)}")
+
+
 def check_dense(name: str, tensor: torch.Tensor) -> None:
     """The backends read strided memory: sparse, MKL-DNN and nested tensors are refused."""
     if tensor.is_nested:

@@ -26,7 +26,7 @@ from torch.fx.experimental.symbolic_shapes import guard_scalar
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import backends, distributed
-from ._arguments import as_int, as_real, check_dense
+from ._arguments import as_int, as_real, check_floating_tensor
 from .dictionary import SIMILARITIES, uniform_dictionary
 from .noise import SEED_LIMIT, draw_seed
 from . import ops
@@ -96,13 +96,7 @@ def _checked_options(features, similarity, estimator, tau, seed, backend, row_of
 def histogram_entropy(histogram: Tensor, reduction: str = "mean") -> Tensor:
     """Entropy in bits of each row of a (C, K) histogram, averaged over rows for "mean"."""
     _check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(histogram, Tensor):
-        raise TypeError(f"histogram must be a torch.Tensor, got {type(histogram).__name__}")
-    if not histogram.dtype.is_floating_point:
-        raise TypeError(f"histogram must be a floating-point tensor, got {histogram.dtype}")
-    check_dense("histogram", histogram)
-    if histogram.dim() != 2:
-        raise ValueError(f"histogram must be 2-D (heads, bins), got shape {tuple(histogram.shape)}")
+    check_floating_tensor("histogram", histogram, ("heads", "bins"))
     return backends.entropy_bits(histogram, reduction)
 
 
@@ -202,14 +196,7 @@ def _sync_group(sync, process_group):
 # ---------------------------------------------------------------------------- argument checks
 
 def _check_features(features) -> None:
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if not features.dtype.is_floating_point:
-        raise TypeError(f"features must be a floating-point tensor (float16, bfloat16, float32 "
-                        f"or float64), got {features.dtype}")
-    check_dense("features", features)
-    if features.dim() != 2:
-        raise ValueError(f"features must be 2-D (batch, dim), got shape {tuple(features.shape)}")
+    check_floating_tensor("features", features, ("batch", "dim"))
     if features.shape[0] == 0:
         raise ValueError("features must hold at least one row (batch size 0)")
     if features.shape[1] == 0:
@@ -217,14 +204,7 @@ def _check_features(features) -> None:
 
 
 def _check_dictionary(dictionary, features: Tensor) -> None:
-    if not isinstance(dictionary, Tensor):
-        raise TypeError(f"dictionary must be a torch.Tensor, got {type(dictionary).__name__}")
-    if not dictionary.dtype.is_floating_point:
-        raise TypeError(f"dictionary must be a floating-point tensor, got {dictionary.dtype}")
-    check_dense("dictionary", dictionary)
-    if dictionary.dim() != 3:
-        raise ValueError(f"dictionary must be 3-D (heads, dim, bins), got shape "
-                         f"{tuple(dictionary.shape)}")
+    check_floating_tensor("dictionary", dictionary, ("heads", "dim", "bins"))
     if dictionary.shape[1] != features.shape[1]:
         raise ValueError(f"dictionary dim {dictionary.shape[1]} (shape {tuple(dictionary.shape)}) "
                          f"does not match features dim {features.shape[1]}")

@@ -6,7 +6,7 @@ import math
 
 from torch import Tensor, nn
 
-from ._arguments import as_int, as_real, check_dense
+from ._arguments import as_int, as_real, check_floating_tensor
 from .dictionary import SIMILARITIES, uniform_dictionary
 from .functional import (DEFAULT_BINS, DEFAULT_HEADS, ESTIMATORS, _check_backend, _check_choice,
                          _check_dictionary_size, _check_tau, entropy)
@@ -46,12 +46,10 @@ class FeatureEntropy(nn.Module):
         if dictionary is None:
             dictionary = uniform_dictionary(dim, DEFAULT_BINS if bins is None else bins,
                                             DEFAULT_HEADS if heads is None else heads, seed=0)
-        elif not isinstance(dictionary, Tensor) or dictionary.dim() != 3:
-            raise ValueError("dictionary must be a 3-D tensor (heads, dim, bins)")
-        elif dictionary.shape[1] != dim:
-            raise ValueError(f"dictionary dim {dictionary.shape[1]} does not match dim {dim}")
         else:
-            check_dense("dictionary", dictionary)
+            check_floating_tensor("dictionary", dictionary, ("heads", "dim", "bins"))
+            if dictionary.shape[1] != dim:
+                raise ValueError(f"dictionary dim {dictionary.shape[1]} does not match dim {dim}")
             _check_dictionary_size(dictionary, bins, heads)
         self.register_buffer("dictionary", dictionary.detach().clone())
         self.similarity, self.estimator, self.backend = similarity, estimator, backend

@@ -160,6 +160,8 @@ def test_unavailable_backend_lists_available():
     (dict(dim=5, heads=2, dictionary=torch.rand(1, 5, 7)), "heads=2 does not match"),
     (dict(dim=5.0), "dim must be an int"),
     (dict(dim=5, dictionary=torch.rand(1, 5, 7).to_sparse()), "dictionary must be a dense"),
+    (dict(dim=5, dictionary=torch.ones(1, 5, 7, dtype=torch.int64)), "dictionary must be a float"),
+    (dict(dim=5, dictionary=[[[1.0]]]), "dictionary must be a torch.Tensor"),
     # Checked when the module is built, not at its first forward.
     (dict(dim=5, backend="numpy"), "backend"),
     (dict(dim=5, backend=None), "backend"),
