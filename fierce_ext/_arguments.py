@@ -19,7 +19,7 @@ def as_int(name: str, value, what: str = "an int") -> int:
         return value
     if isinstance(value, numbers.Integral) and not isinstance(value, (bool, torch.Tensor)):
         return int(value)
-    raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    raise TypeError(f"{name} must be {what}, got {type(value).__name__}{_traced_numpy_hint()}")
 
 
 def as_real(name: str, value) -> float:
@@ -28,7 +28,17 @@ def as_real(name: str, value) -> float:
         return float(value)
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)):
         return float(value)
-    raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__}"
+                    f"{_traced_numpy_hint()}")
+
+
+def _traced_numpy_hint() -> str:
+    # Dynamo traces a numpy scalar as a torch-backed ndarray that is no numbers.Integral/Real;
+    # without fullgraph=True it falls back to eager here, where the scalar is accepted.
+    if not torch.compiler.is_compiling():
+        return ""
+    return (" (under torch.compile a numpy scalar is traced as an array: pass a Python number, "
+            "e.g. int(seed) or float(tau))")
 
 
 def check_floating_tensor(name: str, value, axes: tuple[str, ...]) -> None:

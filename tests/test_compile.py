@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -292,3 +293,29 @@ def test_eager_argument_errors_unchanged():
         fierce_ext.entropy(x, sync=1)
     with pytest.raises(ValueError, match="bins"):
         fierce_ext.entropy(x, bins=0)
+
+
+def test_numpy_scalar_arguments_under_compile():
+    # Eager code accepts numpy scalars (test_api_errors). Dynamo traces them as arrays, which
+    # are no numbers.Integral: without fullgraph the frame falls back to eager and gives the eager
+    # value; with fullgraph=True the error says what to pass instead.
+    x = torch.randn(16, 5)
+
+    def step(x, seed, tau):
+        return fierce_ext.entropy(x, seed=seed, tau=tau, bins=BINS)
+
+    expected = step(x, 3, 0.5)
+    numpy_args = (np.int64(3), np.float32(0.5))
+    torch.testing.assert_close(torch.compile(step, backend="eager")(x, *numpy_args), expected,
+                               rtol=0, atol=0)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(step, backend="eager", fullgraph=True)(x, *numpy_args)
+    chain, error = [], info.value  # where dynamo puts the TypeError depends on torch's version
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    # torch 2.4's dynamo drops the message of an exception raised in traced code.
+    if torch.__version__ >= "2.5":
+        assert any("tau must be a real number" in m and "pass a Python number" in m
+                   for m in chain), chain
