@@ -3,7 +3,8 @@
 Integers are anything `numbers.Integral` and reals anything `numbers.Real` (numpy's scalars
 included, as torch's own factories accept them), bool excepted; the checks return plain Python
 ints and floats, so that what reaches the backends and torch.compile's guards is always one.
-Plain ints and floats take the first branch, the only one dynamo ever traces.
+Plain ints and floats take the first branch; dynamo traces a numpy scalar as an array, which
+the later branches refuse with a hint (see `_traced_numpy_hint`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _traced_numpy_hint() -> str:
     if not torch.compiler.is_compiling():
         return ""
     return (" (under torch.compile a numpy scalar is traced as an array: pass a Python number, "
-            "e.g. int(seed) or float(tau))")
+            "int(...) or float(...))")
 
 
 def check_floating_tensor(name: str, value, axes: tuple[str, ...]) -> None:
