@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fierce_ext
+
 
 def label_smoothing_cross_entropy(logits: torch.Tensor, target: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Cross-entropy against (1 - epsilon) * onehot(target) + epsilon / K (mean over the batch).
@@ -78,6 +80,27 @@ class FIERCECriterion(nn.Module):
         else:
             loss = ce - self.lam * entropy_bits
         return loss, {"ce": ce.item(), "batch_entropy_bits": entropy_bits.item()}
+
+
+class ScaledCosineEntropy(nn.Module):
+    """Feature entropy (bits) with the similarity ``scale * cos(r, w)``.
+
+    fierce_ext's ``cosine`` lies in [-1, 1], where the Gumbel noise (std 1.28) decides the bin,
+    and its ``dot`` grows and shrinks with the features, so a network can raise the estimate by
+    shrinking them. Scaling the cosine fixes the similarity's range instead. Computed as the
+    ``dot`` similarity of ``scale * r / |r|`` with unit-norm atoms, so every backend runs it.
+    """
+
+    def __init__(self, dictionary: torch.Tensor, scale: float, backend: str = "auto"):
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.register_buffer("dictionary", dictionary / dictionary.norm(dim=1, keepdim=True))
+        self.scale, self.backend = scale, backend
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return fierce_ext.entropy(self.scale * F.normalize(features, dim=1), self.dictionary,
+                                  similarity="dot", estimator="gumbel_hard", backend=self.backend)
 
 
 CRITERIA = ("ce", "ls", "fierce")

@@ -51,6 +51,15 @@ def test_hyperspectral_quick(tmp_path):
     assert result["paper_table_1"]["transfer_mse"]["fierce"] == 0.006
 
 
+def test_hyperspectral_quick_scaled_cosine(tmp_path):
+    hyperspectral_run.main(["--quick", "--criteria", "fierce", "--fierce-scale", "10", "--out", str(tmp_path),
+                            "--no-progress"])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["config"]["fierce_scale"] == 10.0 and "10 * cosine" in result["config"]["fierce"]
+    assert [run["criterion"] for run in result["runs"]] == ["fierce"]
+    assert 0.0 <= result["runs"][0]["final"]["entropy_bits"] <= 6.65
+
+
 def test_age_quick(tmp_path):
     age_run.main(["--quick", "--out", str(tmp_path), "--no-progress"])
     result = check_common(tmp_path, "age", age_run.METRICS, ["curves.png"])
@@ -63,6 +72,8 @@ def test_age_quick(tmp_path):
 def test_command_line_errors(tmp_path):
     with pytest.raises(SystemExit):
         hyperspectral_run.parse_args(["--dataset", "pickle"])  # needs --data
+    with pytest.raises(SystemExit):
+        hyperspectral_run.parse_args(["--fierce-scale", "0"])
     with pytest.raises(SystemExit):
         age_run.parse_args(["--dataset", "utkface"])  # needs --root
     with pytest.raises(SystemExit):

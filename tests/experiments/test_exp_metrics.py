@@ -1,4 +1,4 @@
-"""Label smoothing loss, metrics, and the 1-D optimal-transport age read-out."""
+"""Label smoothing loss, the scaled-cosine entropy, metrics, and the 1-D optimal-transport age read-out."""
 import math
 
 import numpy as np
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments.common.losses import LabelSmoothingCriterion, label_smoothing_cross_entropy
+import fierce_ext
+from experiments.common.losses import LabelSmoothingCriterion, ScaledCosineEntropy, label_smoothing_cross_entropy
 from experiments.common.metrics import abundance_mse, accuracy, orient, ot_age_mse, ot_map_1d, transfer_mse
 from experiments.common.results import markdown_table, mean_std, summarize
 
@@ -18,6 +19,26 @@ def quantile_match(values, reference):
     mapped = np.empty(len(values))
     mapped[np.argsort(values, kind="stable")] = np.sort(reference)
     return mapped
+
+
+# --- scaled-cosine entropy ----------------------------------------------------------------------------
+
+def test_scaled_cosine_entropy_is_cosine_at_scale_one_and_ignores_the_norm():
+    features = torch.rand(64, 12, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    dictionary = fierce_ext.uniform_dictionary(12, 10, low=0.0, high=1.0, seed=1)
+    torch.manual_seed(5)  # both draw their noise seed from torch's default generator
+    cosine = fierce_ext.entropy(features, dictionary, similarity="cosine")
+    torch.manual_seed(5)
+    scaled = ScaledCosineEntropy(dictionary, 1.0)(features)
+    torch.testing.assert_close(scaled, cosine)
+    # A function of r / |r|: its gradient is orthogonal to each feature row.
+    module = ScaledCosineEntropy(dictionary, 30.0)
+    (grad,) = torch.autograd.grad(module(features), features)
+    assert grad.abs().max() > 0
+    radial = (grad * features).sum(dim=1) / features.norm(dim=1)
+    assert radial.abs().max() <= 1e-5 * grad.norm(dim=1).max()
+    with pytest.raises(ValueError, match="scale"):
+        ScaledCosineEntropy(dictionary, 0.0)
 
 
 # --- label smoothing ---------------------------------------------------------------------------------
