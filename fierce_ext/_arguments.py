@@ -18,7 +18,7 @@ def as_int(name: str, value, what: str = "an int") -> int:
     """`value` as a Python int; TypeError naming `name` for anything else (bool included)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, torch.Tensor)):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     raise TypeError(f"{name} must be {what}, got {type(value).__name__}{_traced_numpy_hint()}")
 
@@ -27,7 +27,7 @@ def as_real(name: str, value) -> float:
     """`value` as a Python float (NaN and Inf pass: the caller bounds it)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     raise TypeError(f"{name} must be a real number, got {type(value).__name__}"
                     f"{_traced_numpy_hint()}")
