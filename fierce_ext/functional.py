@@ -37,7 +37,21 @@ REDUCTIONS = ("mean", "none")
 
 ENTROPY_EPS = backends.ENTROPY_EPS  # the paper's guard inside the logarithm
 
-_GUARD_SCALAR_TRACES = torch.__version__ >= "2.5"
+
+
+def _dynamo_traces_guard_scalar() -> bool:
+    """Whether torch.compile can trace `guard_scalar` (dynamo has had a rule for it since torch
+    2.8; before, it refuses the call even on a plain int, so every compiled call with the default
+    dictionary failed). Read from dynamo's own table rather than guessed from the version."""
+    try:
+        from torch._dynamo import trace_rules
+    except ImportError:  # a torch without dynamo: nothing is compiled
+        return False
+    rules = getattr(trace_rules, "manual_torch_name_rule_map", {})
+    return "torch.fx.experimental.symbolic_shapes.guard_scalar" in rules
+
+
+_GUARD_SCALAR_TRACES = _dynamo_traces_guard_scalar()
 
 
 def histogram(features: Tensor, dictionary: Tensor, *, similarity: str = "cosine",
@@ -151,11 +165,18 @@ def default_dictionary(dim: int, bins: int, heads: int, device: torch.device,
     # Under torch.compile `dim` may be symbolic (dynamic=True, or automatically once a second
     # feature dimension was seen); the dictionary is a constant of the graph, so specialise on
     # it (a guard, a recompile for a new D). Dynamo takes a symbolic dim for an int, so no
-    # isinstance test can tell them apart; dynamo before torch 2.5 cannot trace guard_scalar,
+    # isinstance test can tell them apart; dynamo before torch 2.8 cannot trace guard_scalar,
     # and there a dynamic D stays unsupported.
     if _GUARD_SCALAR_TRACES:
         dim = int(guard_scalar(dim))
-    return _constant_dictionary(dim, bins, heads, torch.device(device), float64)
+    dictionary = _constant_dictionary(dim, bins, heads, torch.device(device), float64)
+    if torch.compiler.is_compiling():
+        # torch 2.8's dynamo gives the constant a size symbol of its own under dynamic=True or
+        # once D has changed, a symbol the autograd.Function's subgraph then cannot lift
+        # ("Source of 's7' is None"); a view with the guarded sizes pins them. (Eager calls keep
+        # the cached tensor itself: backends memoise its projected forms by identity.)
+        dictionary = dictionary.view(heads, dim, bins)
+    return dictionary
 
 
 @torch.compiler.assume_constant_result
