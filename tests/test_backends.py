@@ -26,13 +26,16 @@ in tau in the backward fails every case, a noise row shifted by one every Gumbel
 from __future__ import annotations
 
 import math
+import types
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fierce_ext
+from fierce_ext.backends import triton_noise
 from oracle import CPU_BACKENDS, ESTIMATORS, SIMILARITIES, oracle, top2_margin
 
 def make_features(gen, rows, dim, dtype, layout, scale):
@@ -371,3 +374,17 @@ def test_chunked_kept_logits_ignore_changes_through_data(monkeypatch):
     grad = torch.randn(1, 9)
     got = chunked.histogram_backward(grad, features, dictionary, lse, *args)
     assert torch.equal(got, chunked.histogram_backward(grad, features, dictionary, lse, *args))
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.3.5", False), ("3.6.0", "2.4.0", True), ("3.6.0+git1234", "2.5.1", True),
+    ("3.7.0", "2.4.0", False), ("3.9.0", "2.5.1", False), ("3.5.1", "1.26.4", False)])
+def test_triton_interpreter_gate(triton_version, numpy_version, refused, monkeypatch):
+    # Triton 3.6's interpreter fails on every launch beside numpy >= 2.4 (triton-lang/triton#9171):
+    # the backend must say so on the CPU instead of failing inside the interpreter. (A Triton
+    # older than 3.6 is refused by the version check before this one is read.)
+    monkeypatch.setattr(np, "__version__", numpy_version)
+    reason = triton_noise._interpreter_breaks(types.SimpleNamespace(__version__=triton_version))
+    assert (reason is not None) == refused
+    if refused:
+        assert "9171" in reason and "numpy<2.4" in reason and triton_version in reason

@@ -62,6 +62,7 @@ from . import ENTROPY_EPS, FP32_PRECISIONS, compute_dtype, fp32_precision
 
 # Triton itself comes through triton_noise, which stays importable without it.
 from .triton_noise import IMPORT_ERROR as _IMPORT_ERROR
+from .triton_noise import INTERPRETER_ERROR as _INTERPRETER_ERROR
 from .triton_noise import gumbel_tile, noise_words_kernel, tl, triton
 from .triton_noise import jit as _jit
 
@@ -486,7 +487,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         return None
     if device.type == "cpu":
         if _interpreting():
-            return None
+            return _INTERPRETER_ERROR
         return ("Triton kernels need a GPU; on a CPU they run only in Triton's interpreter "
                 "(set TRITON_INTERPRET=1 before fierce_ext.backends.fused_triton is imported)")
     return f"the Triton backend supports CUDA (and the CPU interpreter), not {device.type!r}"

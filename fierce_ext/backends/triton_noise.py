@@ -8,7 +8,7 @@ the kernel's accumulation dtype.
 
 This module also holds the one place that imports Triton for the backend: without a usable
 Triton it still imports (the kernels are then plain functions that are never launched) and
-IMPORT_ERROR says why.
+IMPORT_ERROR says why; INTERPRETER_ERROR says why the CPU interpreter cannot run them.
 """
 
 from __future__ import annotations
@@ -34,13 +34,28 @@ def _unsupported_version(module) -> str | None:
     return None
 
 
+def _interpreter_breaks(module) -> str | None:
+    """Why this Triton's CPU interpreter cannot run the kernels beside the installed numpy, or
+    None. Triton before 3.7 turns a 1-element array into an int the way numpy 2.4 refuses
+    (triton-lang/triton#9171): every launch fails with "only 0-dimensional arrays can be
+    converted to Python scalars". The GPU path does not go through numpy."""
+    import numpy
+
+    if _version_tuple(module.__version__) < (3, 7) and _version_tuple(numpy.__version__) >= (2, 4):
+        return (f"the CPU interpreter of triton {module.__version__} fails with numpy "
+                f"{numpy.__version__} (triton-lang/triton#9171, fixed in triton 3.7): "
+                f"pip install 'numpy<2.4' or 'triton>=3.7' to run the kernels in it")
+    return None
+
+
 try:
     import triton
     import triton.language
     IMPORT_ERROR = _unsupported_version(triton)
+    INTERPRETER_ERROR = IMPORT_ERROR or _interpreter_breaks(triton)
 except Exception as error:  # ImportError, or a broken install: report it, keep the package usable
     triton = None
-    IMPORT_ERROR = f"triton is not importable ({type(error).__name__}: {error})"
+    IMPORT_ERROR = INTERPRETER_ERROR = f"triton is not importable ({type(error).__name__}: {error})"
 
 if IMPORT_ERROR is None:
     tl = triton.language
