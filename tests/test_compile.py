@@ -253,7 +253,7 @@ class _LinearPlainFunction(torch.nn.Module):
 
 def _strict_export_fails_on_any_autograd_function() -> str | None:
     """Why torch's strict export cannot take an autograd.Function on a dynamic batch, or None.
-    torch 2.7's cannot (AssertionError "Source of 's0' is None when lifting it to input of
+    torch 2.6 and 2.7 cannot (AssertionError "Source of 's0' is None when lifting it to input of
     top-level"), for any Function, this one included."""
     try:
         torch.export.export(_LinearPlainFunction(), (torch.randn(16, 6),), strict=True,
@@ -373,7 +373,7 @@ def test_numpy_scalar_arguments_under_compile():
         chain.append(str(error))
         error = error.__cause__ or error.__context__
     # Dynamo before torch 2.9 drops the message of an exception raised in traced code (checked:
-    # 2.4.1, 2.5.1, 2.7.1 and 2.8.0 drop it, 2.9.1 and later keep it).
+    # 2.4.1, 2.5.1, 2.6.0, 2.7.1 and 2.8.0 drop it, 2.9.1 and later keep it).
     if torch.__version__ >= "2.9":
         assert any("tau must be a real number" in m and "pass a Python number" in m
                    for m in chain), chain
