@@ -97,6 +97,49 @@ def top2_margin(z: torch.Tensor) -> torch.Tensor:
     return top[..., 0] - top[..., 1]
 
 
+def near_tie_count(r, v, bias, operand, eps, similarity, tau, seed, row_offset) -> int:
+    """How many (row, head) pairs have a float64 top-2 logit margin below twice a bound on a
+    kernel's logit error: u a_b max_k sum_d |r_d| |v_kd| / tau, u = operand + (D + 2) eps for the
+    operands' rounding and the accumulation, plus a few ulps of the logit. r (B, D) and v
+    (H, K, D): float64, as the kernel multiplies them; bias (H, K) or None, added after the GEMM
+    in the compute dtype (no operand rounding: the ulps cover it)."""
+    u = operand + (r.shape[1] + 2) * eps
+    scale = torch.ones(r.shape[0], dtype=torch.float64, device=r.device)
+    if similarity == "cosine":
+        scale = 1 / r.norm(dim=1).clamp_min(1e-12)
+    s = torch.einsum("bd,hkd->bhk", r, v) * scale[:, None, None]
+    magnitude = torch.einsum("bd,hkd->bhk", r.abs(), v.abs()) * scale[:, None, None]
+    if bias is not None:
+        s = s + bias.double()
+    rows, heads, bins = s.shape
+    if bins == 1:
+        return 0
+    z = (s + gumbel_noise(seed, rows, heads, bins, row_offset, device=r.device,
+                          dtype=torch.float64)) / tau
+    top = z.topk(2, dim=-1).values
+    error = u * magnitude.amax(dim=-1) / tau + 8 * eps * (1 + top[..., 0].abs())
+    return int(((top[..., 0] - top[..., 1]) < 2 * error).sum())
+
+
+def gradient_magnitude(z, s, v, a, grad, features, similarity, tau):
+    """Per element of d sum(histogram * G) / d features, the size of the terms a backward sums,
+    in float64: a_b sum_hk w_bhk |v_hdk| with w = y (|G - e| + sum_j y_j |G_j - mean G|) / (B tau),
+    i.e. |delta| plus what an error in e = sum_k y G moves it by, and for cosine the row-scale
+    term a_b^2 (sum_hk w |s|) |r_d|. Error bounds scale it by the relative error of the inputs.
+    (z, s, v, a) as projected_logits64 returns them; grad (C, K)."""
+    rows = features.shape[0]
+    y = torch.softmax(z, dim=-1)
+    g = grad.double()
+    g_centred = g - g.mean(dim=1, keepdim=True)
+    weight = y * ((g - (y * g).sum(dim=-1, keepdim=True)).abs()
+                  + (y * g_centred.abs()).sum(dim=-1, keepdim=True)) / (rows * tau)
+    magnitude = a[:, None] * torch.einsum("bhk,hdk->bd", weight, v.abs())
+    if similarity == "cosine":
+        magnitude += (a * a * (weight * s.abs()).sum(dim=(1, 2)))[:, None] \
+            * features.double().abs()
+    return magnitude
+
+
 def projected_logits64(features, dictionary, similarity, estimator, tau, seed, row_offset):
     """float64 (z, s, v, a, bias) in the projected form s = a (r . v) + c that the fast backends
     compute (fierce_ext.dictionary's projection: not independent, but what the Triton tests'

@@ -39,9 +39,10 @@ import fierce_ext
 from fierce_ext import backends
 from fierce_ext.backends import chunked
 from fierce_ext.backends import cuda as cuda_backend
-from fierce_ext.noise import gumbel_noise, random_words
+from fierce_ext.noise import random_words
 
 import cuda_emulator
+from oracle import near_tie_count
 
 REQUIRE_ENV = "FIERCE_EXT_REQUIRE_EXTENSION"
 SIMILARITIES = ("dot", "cosine", "distance")
@@ -303,30 +304,13 @@ def _kernel_inputs(mode, features, dictionary, similarity):
     return r, v, (None if bias is None else bias.double())
 
 
-def _near_ties(mode, features, dictionary, similarity, estimator, tau, seed, row_offset):
-    """Rows (b, h) whose float64 top-2 logit margin is below twice a bound on the logit error:
-    u (a_b max_k sum_d |r_d| |v_kd|) / tau for the operand rounding u of the mode, plus a few
-    compute-dtype ulps of the logit."""
+def _near_ties(mode, features, dictionary, similarity, tau, seed, row_offset):
+    """Rows (b, h) whose float64 top-2 logit margin is below twice a bound on the logit error
+    (oracle.near_tie_count) for the operand rounding of the mode."""
     r, v, bias = _kernel_inputs(mode, features, dictionary, similarity)
-    dtype = MODES[mode][1]
-    eps = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    eps = 2.0**-53 if MODES[mode][1] == torch.float64 else 2.0**-24
     operand = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "tf32": 2.0**-10}.get(mode, 0.0)
-    u = operand + (r.shape[1] + 2) * eps
-    scale = torch.ones(r.shape[0], dtype=torch.float64)
-    if similarity == "cosine":
-        scale = 1 / r.norm(dim=1).clamp_min(1e-12)
-    s = torch.einsum("bd,hkd->bhk", r, v) * scale[:, None, None]
-    magnitude = torch.einsum("bd,hkd->bhk", r.abs(), v.abs()) * scale[:, None, None]
-    if bias is not None:
-        s = s + bias
-        magnitude = magnitude + bias.abs()
-    rows, heads, bins = s.shape
-    if bins == 1:
-        return 0
-    z = (s + gumbel_noise(seed, rows, heads, bins, row_offset, dtype=torch.float64)) / tau
-    top = z.topk(2, dim=-1).values
-    error = u * magnitude.amax(dim=-1) / tau + 8 * eps * (1 + top[..., 0].abs())
-    return int(((top[..., 0] - top[..., 1]) < 2 * error).sum())
+    return near_tie_count(r, v, bias, operand, eps, similarity, tau, seed, row_offset)
 
 
 def _case(similarity, seed=0):
@@ -384,8 +368,7 @@ def test_emulated_kernels_match_the_torch_backend(emu, mode, similarity, estimat
         counts = (histogram.double() * rows).round()
         assert (counts - histogram.double() * rows).abs().max() < 1e-3  # whole counts
         moved = (counts - (expected_histogram.double() * rows).round()).abs().sum() / 2
-        ties = _near_ties(mode, features, dictionary, similarity, estimator, tau, seed,
-                          row_offset)
+        ties = _near_ties(mode, features, dictionary, similarity, tau, seed, row_offset)
         assert ties <= max(2, rows * dictionary.shape[0] // 20), "test data too close to ties"
         assert moved <= ties, (moved, ties)
     else:

@@ -64,8 +64,8 @@ from fierce_ext.backends import chunked, fp32_precision, reference  # noqa: E402
 from fierce_ext.backends import fused_triton as ft  # noqa: E402
 from fierce_ext.dictionary import bin_dictionary, project_dictionary  # noqa: E402
 from fierce_ext.noise import SEED_LIMIT, random_words  # noqa: E402
-from oracle import (ESTIMATORS, SIMILARITIES, backend_pass, numpy_random_words,  # noqa: E402
-                    projected_logits64, top2_margin)
+from oracle import (ESTIMATORS, SIMILARITIES, backend_pass, gradient_magnitude,  # noqa: E402
+                    numpy_random_words, projected_logits64, top2_margin)
 
 if ft.unavailable_reason(torch.device("cpu")) is None:
     DEVICE = torch.device("cpu")
@@ -184,23 +184,15 @@ def check_against_reference(features, dictionary, grad, similarity, estimator, t
             ((hist.double() - want_hist).abs().max(), zerr)
     assert ((lse.double() - want_lse).abs() <= zerr + 4 * eps * (1 + want_lse.abs())).all(), \
         ((lse.double() - want_lse).abs().max(), zerr)
-    y = torch.softmax(z, dim=-1)
-    g = grad.double()
-    g_centred = g - g.mean(dim=1, keepdim=True)
-    # |delta| plus what an error in e = sum_k y G moves it by: y sum_j y_j |G_j| (G centred).
-    weight = y * ((g - (y * g).sum(dim=-1, keepdim=True)).abs()
-                  + (y * g_centred.abs()).sum(dim=-1, keepdim=True)) / (rows * tau)
-    magnitude = a[:, None] * torch.einsum("bhk,hdk->bd", weight, v.abs())
-    if similarity == "cosine":
-        magnitude += (a * a * (weight * s.abs()).sum(dim=(1, 2)))[:, None] \
-            * features.double().abs()
+    magnitude = gradient_magnitude(z, s, v, a, grad, features, similarity, tau)
     u_bwd = u + u_v + UNIT_ROUNDOFF[dot] + (heads * bins + 2) * eps
     u_out = UNIT_ROUNDOFF[features.dtype]
     if features.dtype == torch.bfloat16 and DEVICE.type == "cpu":
         u_out *= 2  # the interpreter's fp32 -> bf16 cast truncates
+    g_centred_max = (grad.double() - grad.double().mean(dim=1, keepdim=True)).abs().max().item()
     floor = (u_out * torch.finfo(features.dtype).tiny
              + heads * bins * torch.finfo(compute).tiny * a.max().item()
-             * v.abs().max().item() * g_centred.abs().max().item() / (rows * tau))
+             * v.abs().max().item() * g_centred_max / (rows * tau))
     u_out_scaled = u_out + scalar_error(1.0 / (rows * tau), compute)
     bound = 8 * (zerr + u_bwd) * magnitude + u_out_scaled * want_grad.abs() + floor
     err = (grad_features.double() - want_grad).abs()

@@ -27,6 +27,7 @@ from fierce_ext.backends import cuda as cuda_backend
 from fierce_ext.dictionary import bin_dictionary, uniform_dictionary
 from fierce_ext.noise import gumbel_noise
 from measured_errors import within
+from oracle import near_tie_count
 
 if not torch.cuda.is_available():  # conftest.py skips this directory too; never run without CUDA
     pytest.skip("needs a CUDA device", allow_module_level=True)
@@ -73,28 +74,13 @@ def make_case(rows, dim, heads, bins, similarity, seed=0, dtype=torch.float32):
 
 
 def near_ties(mode, features, dictionary, similarity, tau, seed, row_offset):
-    """Rows whose float64 top-2 logit margin is below twice a bound on the kernel's logit error."""
+    """Rows whose float64 top-2 logit margin is below twice a bound on the kernel's logit error
+    (oracle.near_tie_count) for the operand rounding of the mode."""
     dtype, _, _, operand = MODES[mode]
-    r = features.double()
     vt, bias = cuda_backend.project(dictionary, similarity, dtype)
-    v = vt.double()
     eps = 2.0**-53 if dtype == torch.float64 else 2.0**-24
-    u = operand + (r.shape[1] + 2) * eps
-    scale = torch.ones(r.shape[0], dtype=torch.float64, device=r.device)
-    if similarity == "cosine":
-        scale = 1 / r.norm(dim=1).clamp_min(1e-12)
-    s = torch.einsum("bd,hkd->bhk", r, v) * scale[:, None, None]
-    magnitude = torch.einsum("bd,hkd->bhk", r.abs(), v.abs()) * scale[:, None, None]
-    if bias is not None:  # added in the compute dtype, after the GEMM: no operand rounding
-        s = s + bias.double()
-    rows, heads, bins = s.shape
-    if bins == 1:
-        return 0
-    z = (s + gumbel_noise(seed, rows, heads, bins, row_offset, device=r.device,
-                          dtype=torch.float64)) / tau
-    top = z.topk(2, dim=-1).values
-    error = u * magnitude.amax(dim=-1) / tau + 8 * eps * (1 + top[..., 0].abs())
-    return int(((top[..., 0] - top[..., 1]) < 2 * error).sum())
+    return near_tie_count(features.double(), vt.double(), bias, operand, eps, similarity, tau,
+                          seed, row_offset)
 
 
 def assert_same_counts(histogram, expected, rows, ties, mode=None):

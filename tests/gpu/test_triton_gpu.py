@@ -47,7 +47,7 @@ from fierce_ext.noise import SEED_LIMIT, gumbel_noise, random_words  # noqa: E40
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from paper_baseline import paper_similarity  # noqa: E402
 from measured_errors import within  # noqa: E402
-from oracle import backend_pass, projected_logits64, top2_margin  # noqa: E402
+from oracle import backend_pass, gradient_magnitude, projected_logits64, top2_margin  # noqa: E402
 
 DEVICE = torch.device("cuda")
 # name: (features dtype, fp32 precision, unit roundoff of the dot operands or None for (D+2) eps)
@@ -139,15 +139,7 @@ def check_against_oracle(result, want, features, dictionary, grad, similarity, e
     lse_err = (lse.double() - want_lse).abs()
     lse_bound = zerr + 4 * eps * (1 + want_lse.abs())
     assert within("lse", lse_err, lse_bound)
-    y = torch.softmax(z, dim=-1)
-    g = grad.double()
-    g_centred = g - g.mean(dim=1, keepdim=True)
-    weight = y * ((g - (y * g).sum(dim=-1, keepdim=True)).abs()
-                  + (y * g_centred.abs()).sum(dim=-1, keepdim=True)) / (rows * tau)
-    magnitude = a[:, None] * torch.einsum("bhk,hdk->bd", weight, v.abs())
-    if similarity == "cosine":
-        magnitude += (a * a * (weight * s.abs()).sum(dim=(1, 2)))[:, None] \
-            * features.double().abs()
+    magnitude = gradient_magnitude(z, s, v, a, grad, features, similarity, tau)
     bound = 8 * (zerr + u) * magnitude + UNIT_ROUNDOFF[features.dtype] * want_grad.abs() + 1e-30
     err = (grad_features.double() - want_grad).abs()
     assert within("gradient", err, bound), (err.max(), (err / bound).max())
