@@ -60,7 +60,8 @@ phase "build + install (sm_90)"
 phase "resource usage (cuobjdump)"
 
 mkdir -p "$work/tests"
-cp "$repo/tests/test_cuda_build.py" "$repo/tests/cuda_emulator.py" "$work/tests/"
+cp "$repo/tests/test_cuda_build.py" "$repo/tests/cuda_emulator.py" "$repo/tests/oracle.py" \
+    "$work/tests/"
 (
     cd "$work/tests"
     "$venv/bin/python" -c "
