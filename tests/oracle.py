@@ -6,6 +6,8 @@
   implementation below).
 * `numpy_random_words` / `numpy_gumbel`: the noise rule of fierce_ext/noise.py, re-implemented
   with numpy uint32/uint64 arithmetic, for bit-exact comparison.
+* `top2_margin`, `projected_logits64`, `near_tie_count`, `gradient_magnitude`: the pieces of the
+  error models the fast backends' tests (CPU, emulated and GPU) state their tolerances with.
 """
 
 from __future__ import annotations
