@@ -4,7 +4,7 @@
 // (stored bins-major as vt[h][k][:]), the bias c and the row scale a_b (1/|r_b| for cosine),
 //
 //   s[b,h,k] = a_b (r_b . v_hk) + c_hk          z = (s + g) / tau   (g = 0 for "softmax")
-//   lse[b,h] = logsumexp_k z                    y = exp(z - lse)
+//   lse[b,h] = logsumexp_k z                    y = exp(z - lse) / sum_k exp(z - lse)
 //   p[h,k]   = mean_b onehot(argmax_k z)  (gumbel_hard)   or   mean_b y   (otherwise)
 //   delta    = y (G - sum_k y G) / (B tau)
 //   dr_b     = a_b sum_hk delta v_hk  -  [cosine] a_b^2 (sum_hk delta s) r_b
@@ -19,7 +19,7 @@
 //                              for tiny problems its last block also does the two kernels below
 //             reduce_kernel    sums the partials in a fixed order, divides by B, poisons
 //             entropy_kernel   H[h] = -sum_k p log2(p + eps) (or its mean), when asked for
-//   backward: expected_kernel  sum_k y G per (row, head), only when K > kTileBins
+//   backward: expected_kernel  sum_k y G and 1 / sum_k y per (row, head), when K > kTileBins
 //             gradient_kernel  one block per row tile: delta tile by tile, fused with the
 //                              delta . vt GEMM into a float accumulator that the block owns
 //             Both take G = dL/dp tile by tile into shared memory (grad_tile): as given, or, when
@@ -593,9 +593,12 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(ForwardParams p) {
       if (!isfinite(lse)) poisoned = 1;
       if constexpr (kHard) atomicAdd(partial + best_k, 1);  // integer: exact in any order
     }
+    // y = exp(z - max) / sum rather than exp(z - lse): lse is rounded to ulp(lse), which is
+    // large beside the row sum's own rounding when the logits are large (distance: ~1e4).
+    const Acc inv_sum = Acc(1) / sum;
 
     if constexpr (!kHard) {
-      // Sweep 2: y = exp(z - lse), summed over the tile's rows in a fixed order, per bin.
+      // Sweep 2: y, summed over the tile's rows in a fixed order, per bin.
       for (int kt = 0; kt < ktiles; ++kt) {
         const int k0 = kt * BN;
         if (ktiles > 1) {  // with a single bin tile, z is still in registers
@@ -604,7 +607,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(ForwardParams p) {
         }
 #pragma unroll
         for (int c = 0; c < CPT; ++c) {
-          Cs[m * LDC + column_of(c, sub)] = (valid & (1u << c)) ? exp_(z[c] - lse) : Acc(0);
+          Cs[m * LDC + column_of(c, sub)] = (valid & (1u << c)) ? exp_(z[c] - best) * inv_sum : Acc(0);
         }
         __syncthreads();
         if (tid < BN && k0 + tid < K) {
@@ -672,8 +675,10 @@ __device__ void grad_tile(const BackwardParams& p, int h, int k0, Acc* Gs) {
   }
 }
 
-// expected[b][h] = sum_k y[b,h,k] G[h,k], with y from the saved log-sum-exp. Needed before delta
-// when the bins span several tiles; one block per (row tile, head).
+// expected[b][h] = (sum_k y G / n, 1 / n) with y = exp(z - lse) from the saved log-sum-exp and
+// n = sum_k y: y / n sums to 1 exactly where lse, rounded to ulp(lse), leaves n = 1 +- ulp(lse)/2,
+// and delta must sum to 0 over k for the gradient formula (distance drops a -|r|^2 r term that
+// it cancels). Needed before delta when the bins span several tiles; one block per (row tile, head).
 template <GemmMode M>
 __global__ void __launch_bounds__(kThreads, 2) expected_kernel(BackwardParams p) {
   using T = Traits<M>;
@@ -708,6 +713,7 @@ __global__ void __launch_bounds__(kThreads, 2) expected_kernel(BackwardParams p)
   const Acc scale = p.cosine ? row_scale<In, Acc>(features, b, row_ok, D, sub) : Acc(1);
   const Acc row_lse = row_ok ? lse[b * C + h] : Acc(0);
   Acc expected = Acc(0);
+  Acc total = Acc(0);
   Acc s[CPT], z[CPT];
   for (int kt = 0; kt < ktiles; ++kt) {
     const int k0 = kt * BN;
@@ -717,11 +723,20 @@ __global__ void __launch_bounds__(kThreads, 2) expected_kernel(BackwardParams p)
     const unsigned valid = tile_logits<Acc>(Cs, m, sub, b, row_ok, h, k0, bias, scale, inv_tau, args, s, z);
 #pragma unroll
     for (int c = 0; c < CPT; ++c) {
-      if (valid & (1u << c)) expected += exp_(z[c] - row_lse) * Gs[column_of(c, sub)];
+      if (valid & (1u << c)) {
+        const Acc y = exp_(z[c] - row_lse);
+        expected += y * Gs[column_of(c, sub)];
+        total += y;
+      }
     }
   }
   expected = group_sum(expected);
-  if (row_ok && sub == 0) static_cast<Acc*>(p.expected)[b * C + h] = expected;
+  total = group_sum(total);
+  if (row_ok && sub == 0) {
+    Acc* out = static_cast<Acc*>(p.expected) + 2 * (b * C + h);
+    out[0] = expected / total;
+    out[1] = Acc(1) / total;
+  }
 }
 
 // accumulator[b0 + m][d] (+)= sum_n Ds[m][n] vt_head[k0 + n][d] for every column tile of the
@@ -884,7 +899,9 @@ __global__ void __launch_bounds__(kThreads) gradient_kernel(BackwardParams p) {
   for (int h = 0; h < C; ++h) {
     const In* vt_head = static_cast<const In*>(p.vt) + static_cast<int64_t>(h) * K * D;
     const Acc row_lse = row_ok ? lse[b * C + h] : Acc(0);
-    Acc expected = (ktiles > 1 && row_ok) ? expected_in[b * C + h] : Acc(0);
+    const bool stored = ktiles > 1 && row_ok;  // expected_kernel's (sum_k y G / n, 1 / n)
+    Acc expected = stored ? expected_in[2 * (b * C + h)] : Acc(0);
+    Acc inv_total = stored ? expected_in[2 * (b * C + h) + 1] : Acc(0);
     for (int kt = 0; kt < ktiles; ++kt) {
       const int k0 = kt * BN;
       // No thread reads Gs any more: the last tile's reads preceded the barrier before its
@@ -895,19 +912,25 @@ __global__ void __launch_bounds__(kThreads) gradient_kernel(BackwardParams p) {
       Acc y[CPT];
 #pragma unroll
       for (int c = 0; c < CPT; ++c) y[c] = (valid & (1u << c)) ? exp_(z[c] - row_lse) : Acc(0);
-      if (ktiles == 1) {  // the whole row is in this tile: its sum_k y G needs no other kernel
+      if (ktiles == 1) {  // the whole row is in this tile: its sums need no other kernel
         Acc part = Acc(0);
+        Acc total = Acc(0);
 #pragma unroll
         for (int c = 0; c < CPT; ++c) {
-          if (valid & (1u << c)) part += y[c] * Gs[column_of(c, sub)];
+          if (valid & (1u << c)) {
+            part += y[c] * Gs[column_of(c, sub)];
+            total += y[c];
+          }
         }
-        expected = group_sum(part);
+        total = group_sum(total);
+        inv_total = row_ok ? Acc(1) / total : Acc(0);
+        expected = group_sum(part) * inv_total;
       }
 #pragma unroll
       for (int c = 0; c < CPT; ++c) {
         Acc delta = Acc(0);
         if (valid & (1u << c)) {
-          delta = y[c] * (Gs[column_of(c, sub)] - expected) * inv_rows_tau;
+          delta = y[c] * inv_total * (Gs[column_of(c, sub)] - expected) * inv_rows_tau;
           if (p.cosine) delta_dot_s += delta * s[c];
         }
         Ds[m * LDD + column_of(c, sub)] = Cvt<DIn>::from(delta);

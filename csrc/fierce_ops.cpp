@@ -305,7 +305,7 @@ at::Tensor backward(const at::Tensor& grad_histogram, const at::Tensor& grad_ent
   const at::Tensor l = lse.contiguous();
   const auto acc = r.options().dtype(acc_type);
   at::Tensor grad_features = at::empty({rows, dim}, r.options());
-  at::Tensor expected = bins > kTileBins ? at::empty({rows, heads}, acc) : at::Tensor();
+  at::Tensor expected = bins > kTileBins ? at::empty({rows, heads, 2}, acc) : at::Tensor();
   at::Tensor accumulator = at::empty({padded_rows(rows), padded_dim(dim)}, acc);
 
   BackwardParams params{};

@@ -8,6 +8,8 @@
   with numpy uint32/uint64 arithmetic, for bit-exact comparison.
 * `top2_margin`, `projected_logits64`, `near_tie_count`, `gradient_magnitude`: the pieces of the
   error models the fast backends' tests (CPU, emulated and GPU) state their tolerances with.
+* `large_logit_problem`, `check_large_logits`: the age experiment's float32 term, whose
+  large logits test how a backward recovers the softmax from the saved log-sum-exp.
 """
 
 from __future__ import annotations
@@ -164,6 +166,33 @@ def projected_logits64(features, dictionary, similarity, estimator, tau, seed, r
                              dtype=torch.float64)
     a = torch.ones(r.shape[0], dtype=torch.float64, device=r.device) if a is None else a[:, 0]
     return z / tau, s, v, a, bias
+
+
+def large_logit_problem(rows: int = 64, bins: int = 100, seed: int = 0):
+    """The age experiment's FIERCE term in float32, where the logits are large: D = 1, bins
+    spread over 1..100, features ~ N(50, 20^2), `distance` (logits up to ~1e4, ulp ~1e-3).
+    (features, dictionary, grad_histogram)."""
+    gen = torch.Generator().manual_seed(seed)
+    features = 50 + 20 * torch.randn(rows, 1, generator=gen)
+    dictionary = fierce_ext.bin_dictionary(bins, 1.0, 100.0)
+    return features, dictionary, torch.randn(1, bins, generator=gen)
+
+
+def check_large_logits(histogram, grad, features, dictionary, grad_histogram, estimator, seed):
+    """A float32 histogram and gradient of sum(histogram * grad_histogram) for
+    large_logit_problem against the float64 oracle: the logits' own rounding (a few eps |z|)
+    moves each softmax weight by that much relatively, and the soft histogram and the gradient
+    with it. (A backward that took sum_k exp(z - lse) to be 1 was off by 3-28% here: lse's
+    rounding breaks sum_k delta = 0, and `distance`'s dropped -|r|^2 term turns that into an
+    error of size |r|; a forward that summed exp(z - lse) had rows off by up to 5e-4.)"""
+    ref = oracle(features, dictionary, similarity="distance", estimator=estimator, tau=1.0,
+                 seed=seed, grad_histogram=grad_histogram)
+    bound = 4 * torch.finfo(torch.float32).eps * ref.logits.abs().max().item()
+    if estimator != "gumbel_hard":  # (hard counts may move at near ties: tested elsewhere)
+        excess = (histogram.double().cpu() - ref.histogram).abs() - bound * ref.histogram
+        assert excess.max().item() <= 1e-7, excess.max().item()
+    error = ((grad.double().cpu() - ref.grad).abs().max() / ref.grad.abs().max()).item()
+    assert error <= bound, (error, bound)
 
 
 def backend_pass(backend, features, dictionary, grad, similarity, estimator, tau, seed,

@@ -36,7 +36,8 @@ from hypothesis import strategies as st
 
 import fierce_ext
 from fierce_ext.backends import triton_noise
-from oracle import CPU_BACKENDS, ESTIMATORS, SIMILARITIES, oracle, top2_margin
+from oracle import (CPU_BACKENDS, ESTIMATORS, SIMILARITIES, check_large_logits,
+                    large_logit_problem, oracle, top2_margin)
 
 def make_features(gen, rows, dim, dtype, layout, scale):
     x = (torch.randn(rows, dim, generator=gen, dtype=torch.float64) * scale).to(dtype)
@@ -262,6 +263,18 @@ def test_torch_backend_far_bins_of_the_age_experiment(estimator, monkeypatch):
         assert (want_hist < math.exp(-64)).any()
     torch.testing.assert_close(hist, want_hist, rtol=1e-15, atol=math.exp(-64))
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-24)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_float32_gradient_with_large_logits(backend, estimator):
+    features, dictionary, grad_histogram = large_logit_problem()
+    x = features.clone().requires_grad_(True)
+    hist = fierce_ext.histogram(x, dictionary, similarity="distance", estimator=estimator,
+                                seed=3, backend=backend)
+    (hist * grad_histogram).sum().backward()
+    check_large_logits(hist.detach(), x.grad, features, dictionary, grad_histogram, estimator,
+                       seed=3)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)

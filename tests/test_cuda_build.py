@@ -42,7 +42,7 @@ from fierce_ext.backends import cuda as cuda_backend
 from fierce_ext.noise import random_words
 
 import cuda_emulator
-from oracle import near_tie_count
+from oracle import check_large_logits, large_logit_problem, near_tie_count
 
 REQUIRE_ENV = "FIERCE_EXT_REQUIRE_EXTENSION"
 SIMILARITIES = ("dot", "cosine", "distance")
@@ -271,7 +271,7 @@ def emulated_backward(lib, mode, grad_histogram, features, dictionary, lse, simi
     rows, dim = features.shape
     heads, bins, _ = vt.shape
     nan = float("nan")
-    expected = torch.full((rows, heads), nan, dtype=compute) if bins > 128 else None
+    expected = torch.full((rows, heads, 2), nan, dtype=compute) if bins > 128 else None
     accumulator = torch.full((-(-rows // TILE_ROWS) * TILE_ROWS, -(-dim // TILE_DIM) * TILE_DIM),
                              nan, dtype=compute)
     grad = torch.full((rows, dim), nan, dtype=dtype)
@@ -390,6 +390,40 @@ def test_emulated_kernels_match_the_torch_backend(emu, mode, similarity, estimat
     assert scale > 0
     error = (grad.double() - expected_grad.double()).abs().max() / scale
     assert error <= grad_tol, error
+
+
+@pytest.mark.parametrize("bins", [100, 200], ids=["one-bin-tile", "two-bin-tiles"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_emulated_float32_with_large_logits(emu, estimator, bins):
+    # The age term's logits (~1e4): the kernels must normalise exp(z - lse) themselves, in the
+    # one-tile backward and through expected_kernel (K > 128).
+    features, dictionary, grad_histogram = large_logit_problem(bins=bins)
+    histogram, lse = emulated_forward(emu, "float32", features, dictionary, "distance",
+                                      estimator, 1.0, 3, 0)
+    grad = emulated_backward(emu, "float32", grad_histogram, features, dictionary, lse,
+                             "distance", estimator, 1.0, 3, 0)
+    check_large_logits(histogram, grad, features, dictionary, grad_histogram, estimator, seed=3)
+
+
+@pytest.mark.parametrize("bins", [100, 200], ids=["one-bin-tile", "two-bin-tiles"])
+def test_emulated_float16_under_a_loss_scale(emu, bins):
+    # dL/dp of a GradScaler-scaled entropy (2^16 x ~70 on empty bins) is far past float16's
+    # 65504: the kernels' delta must not pass through float16 (they keep it in TF32).
+    features, dictionary = _case("cosine")
+    features = features.to(torch.float16)
+    dictionary = torch.rand(1, features.shape[1], bins, generator=torch.Generator().manual_seed(2),
+                            dtype=torch.float64) * 2 - 1
+    histogram, lse = emulated_forward(emu, "float16", features, dictionary, "cosine",
+                                      "gumbel_hard", 1.0, 9, 0)
+    grad_histogram = 2.0**16 * 70 * torch.randn(histogram.shape,
+                                                generator=torch.Generator().manual_seed(3))
+    grad = emulated_backward(emu, "float16", grad_histogram, features, dictionary, lse,
+                             "cosine", "gumbel_hard", 1.0, 9, 0)
+    want = chunked.histogram_backward(grad_histogram, features, dictionary, lse, "cosine",
+                                      "gumbel_hard", 1.0, 9, 0)
+    assert torch.isfinite(want).all() and torch.isfinite(grad).all()
+    error = (grad.double() - want.double()).abs().max() / want.double().abs().max()
+    assert error <= MODES["float16"][3][2], error
 
 
 @pytest.mark.parametrize("estimator", ["gumbel_hard", "gumbel_soft"])

@@ -64,7 +64,8 @@ from fierce_ext.backends import chunked, fp32_precision, reference  # noqa: E402
 from fierce_ext.backends import fused_triton as ft  # noqa: E402
 from fierce_ext.dictionary import bin_dictionary, project_dictionary  # noqa: E402
 from fierce_ext.noise import SEED_LIMIT, random_words  # noqa: E402
-from oracle import (ESTIMATORS, SIMILARITIES, backend_pass, gradient_magnitude,  # noqa: E402
+from oracle import (ESTIMATORS, SIMILARITIES, backend_pass,  # noqa: E402
+                    check_large_logits, gradient_magnitude, large_logit_problem,
                     numpy_random_words, projected_logits64, top2_margin)
 
 if ft.unavailable_reason(torch.device("cpu")) is None:
@@ -269,6 +270,29 @@ def test_low_precision_features(dtype, similarity, estimator):
     check_against_reference(features, dictionary, grad, similarity, estimator)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_features_under_a_loss_scale(dtype):
+    # A GradScaler multiplies dL/dH by 2^16 (its initial scale): dL/dp then reaches ~5e6 on
+    # empty bins, past float16's 65504, while the gradient itself (~100 here) is finite. It
+    # must stay finite and agree with the torch backend's (which computes in float32).
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(64, 16, generator=gen).to(dtype)
+    dictionary = fierce_ext.uniform_dictionary(16, 100)
+    grads = {}
+    for backend in ("triton", "torch"):
+        x = features.to(DEVICE, copy=True).requires_grad_(True)
+        value = fierce_ext.entropy(x, dictionary.to(DEVICE), seed=5, backend=backend)
+        (-(2.0**16) * value).backward()
+        grads[backend] = x.grad.float().cpu()
+    assert torch.isfinite(grads["torch"]).all()
+    assert torch.isfinite(grads["triton"]).all()
+    # float16 / bfloat16 operands of the gradient GEMM (the scratch is rounded to TF32 or
+    # bfloat16): a few of their ulps relative to the largest element.
+    operand = 2.0**-11 if dtype == torch.float16 else 2.0**-8
+    error = (grads["triton"] - grads["torch"]).abs().max() / grads["torch"].abs().max()
+    assert error <= 16 * operand, error
+
+
 def test_float32_dictionary_with_half_features():
     features, dictionary, grad = make_problem(37, 11, 2, 23, torch.float16, seed=4)
     check_against_reference(features, dictionary.float(), grad, "cosine", "gumbel_soft")
@@ -296,6 +320,20 @@ def test_age_case_one_dimensional_features(dtype):
     for estimator in ("gumbel_hard", "softmax"):
         check_against_reference(features.to(DEVICE), dictionary.to(DEVICE), grad.to(DEVICE),
                                 "distance", estimator, tau=1.0)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_float32_gradient_with_large_logits(estimator, monkeypatch):
+    # The age term's logits (~1e4): the backward must normalise exp(z - lse) itself. Exact
+    # float32 products (on a GPU, TF32 would round the features: another error, tested apart).
+    monkeypatch.setattr(ft, "FP32_PRECISION", "ieee")
+    features, dictionary, grad_histogram = large_logit_problem()
+    x = features.to(DEVICE, copy=True).requires_grad_(True)
+    hist = fierce_ext.histogram(x, dictionary.to(DEVICE), similarity="distance",
+                                estimator=estimator, seed=3, backend="triton")
+    (hist * grad_histogram.to(DEVICE)).sum().backward()
+    check_large_logits(hist.detach(), x.grad, features, dictionary, grad_histogram, estimator,
+                       seed=3)
 
 
 def test_many_bins():
@@ -543,15 +581,21 @@ def test_rejects_unknown_estimator_and_similarity():
 
 def test_precision_setting_is_validated(monkeypatch):
     monkeypatch.delenv("FIERCE_EXT_FP32_PRECISION", raising=False)
-    assert fp32_precision() == "tf32"
+    assert fp32_precision() == "tf32" and fp32_precision("cosine") == "tf32"
+    assert fp32_precision("distance") == "ieee"  # unset: exact float32 for distance alone
+    monkeypatch.setattr(ft, "FP32_PRECISION", None)  # None: the environment decides, per call
+    assert ft._precision(torch.float32, "dot") == "tf32"
+    assert ft._precision(torch.float32, "distance") == "ieee"
     monkeypatch.setenv("FIERCE_EXT_FP32_PRECISION", " IEEE ")
     assert fp32_precision() == "ieee"
+    monkeypatch.setenv("FIERCE_EXT_FP32_PRECISION", "tf32")  # a setting applies to distance too
+    assert fp32_precision("distance") == "tf32"
     monkeypatch.setenv("FIERCE_EXT_FP32_PRECISION", "tf32x3")
-    monkeypatch.setattr(ft, "FP32_PRECISION", None)  # None: the environment decides, per call
-    assert ft._precision(torch.float32) == "tf32x3"
-    assert ft._precision(torch.bfloat16) == "tf32" and ft._precision(torch.float64) == "ieee"
+    assert ft._precision(torch.float32, "cosine") == "tf32x3"
+    assert ft._precision(torch.bfloat16, "dot") == "tf32"
+    assert ft._precision(torch.float64, "dot") == "ieee"
     monkeypatch.setattr(ft, "FP32_PRECISION", "ieee")  # the module setting wins
-    assert ft._precision(torch.float32) == "ieee"
+    assert ft._precision(torch.float32, "cosine") == "ieee"
     monkeypatch.setattr(ft, "FP32_PRECISION", None)
     monkeypatch.setenv("FIERCE_EXT_FP32_PRECISION", "fp64")
     features, dictionary, _ = make_problem(4, 3, 1, 5, torch.float32, seed=16)

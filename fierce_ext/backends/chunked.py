@@ -199,6 +199,11 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
             s = _chunk_similarity(r, scale, proj)
             z = _chunk_logits(s, estimator, tau, seed, row_offset + start)
         y = _exp_(z - lse[start:stop, :, None])
+        # Renormalised: lse is rounded to ulp(lse), which scales a row of y by up to
+        # 1 +- ulp(lse)/2 (5e-4 at the age experiment's logits, ~1e4). Then sum_k delta, which
+        # the gradient formula takes to be 0, is not, and for `distance` (whose logits drop
+        # the -|r|^2 term that would cancel it) the error grows with |r|.
+        y.div_(y.sum(dim=-1, keepdim=True))
         expected = (y * grad).sum(dim=-1, keepdim=True)
         delta = y.mul_(grad - expected).div_(rows * tau)  # y is not needed again
         delta_rows = delta.view(stop - start, -1)

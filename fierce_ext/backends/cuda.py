@@ -26,7 +26,8 @@ them. Importing it never imports the extension; a missing or broken extension on
 Precision of float32 features: the logit and gradient GEMMs use tf32 tensor cores unless the
 environment variable FIERCE_EXT_FP32_PRECISION (backends.fp32_precision) is "ieee" or
 "tf32x3" (both: exact float32 FMAs; this backend has no three-pass TF32). The default is "tf32"
-(not torch.backends.cuda.matmul.allow_tf32, which defaults to False), because this backend
+(`distance`: exact float32, see backends.fp32_precision), not
+torch.backends.cuda.matmul.allow_tf32 (which defaults to False), because this backend
 exists for speed and its statistics accumulate in float32 either way. float16/bfloat16
 features use their own tensor cores with float32 accumulation; float64 features use float64 FMAs.
 The cached projection assumes the dictionary is only changed in place through autograd-visible
@@ -124,9 +125,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def allow_tf32() -> bool:
+def allow_tf32(similarity: str) -> bool:
     """Whether float32 features multiply on tf32 tensor cores (FIERCE_EXT_FP32_PRECISION)."""
-    return fp32_precision() == "tf32"
+    return fp32_precision(similarity) == "tf32"
 
 
 def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -163,7 +164,7 @@ def histogram_forward(features, dictionary, similarity, estimator, tau, seed, ro
     features, _, vt, bias = _kernel_inputs(features, dictionary, similarity)
     return torch.ops.fierce_ext.cuda_histogram_forward(
         features, vt, bias, similarity, estimator, float(tau), int(seed), int(row_offset),
-        allow_tf32())
+        allow_tf32(similarity))
 
 
 def histogram_backward(grad_histogram, features, dictionary, lse, similarity, estimator, tau,
@@ -172,7 +173,7 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
     grad_features = torch.ops.fierce_ext.cuda_histogram_backward(
         grad_histogram.to(compute).contiguous(), kernel_features, vt, bias,
         lse.to(compute).contiguous(), similarity, estimator, float(tau), int(seed),
-        int(row_offset), allow_tf32())
+        int(row_offset), allow_tf32(similarity))
     return grad_features.to(features.dtype)
 
 
@@ -181,7 +182,7 @@ def entropy_forward(features, dictionary, similarity, estimator, tau, seed, row_
     features, _, vt, bias = _kernel_inputs(features, dictionary, similarity)
     return torch.ops.fierce_ext.cuda_entropy_forward(
         features, vt, bias, similarity, estimator, float(tau), int(seed), int(row_offset),
-        allow_tf32(), reduction == "mean")
+        allow_tf32(similarity), reduction == "mean")
 
 
 def entropy_backward(grad_entropy, histogram, features, dictionary, lse, similarity, estimator,
@@ -190,7 +191,7 @@ def entropy_backward(grad_entropy, histogram, features, dictionary, lse, similar
     grad_features = torch.ops.fierce_ext.cuda_entropy_backward(
         grad_entropy.to(compute).contiguous(), histogram.to(compute).contiguous(),
         kernel_features, vt, bias, lse.to(compute).contiguous(), similarity, estimator,
-        float(tau), int(seed), int(row_offset), allow_tf32(), reduction == "mean")
+        float(tau), int(seed), int(row_offset), allow_tf32(similarity), reduction == "mean")
     return grad_features.to(features.dtype)
 
 

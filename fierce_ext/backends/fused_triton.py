@@ -32,10 +32,10 @@ whose epilogue applies a_b, 1 / (B tau) and the cosine correction, writing each 
 exactly once, in the features' dtype. For `entropy_backward` the softmax kernel forms
 G = dL/dp from dL/dH and the histogram itself, tile by tile (`_bins_grad`): no launch for it.
 
-Precision: float32 features multiply in TF32 on the tensor cores by default. At each call,
-`fused_triton.FP32_PRECISION` chooses if set, else the environment variable
-FIERCE_EXT_FP32_PRECISION (shared with the cuda backend, backends.fp32_precision): "tf32",
-"tf32x3" (three TF32 passes, near fp32) or "ieee" (exact fp32, no tensor cores).
+Precision: float32 features multiply in TF32 on the tensor cores by default (`distance`: exact
+float32, see backends.fp32_precision). At each call, `fused_triton.FP32_PRECISION` chooses if
+set, else the environment variable FIERCE_EXT_FP32_PRECISION (shared with the cuda backend):
+"tf32", "tf32x3" (three TF32 passes, near fp32) or "ieee" (exact fp32, no tensor cores).
 float16/bfloat16 features multiply in their own dtype with float32 accumulation; float64
 features compute in float64 throughout.
 
@@ -86,8 +86,9 @@ SCRATCH_MIN_BYTES = 16 * 2**20
 REDUCE_ONE_PROGRAM_ENTRIES = 8192
 
 # Programs along the rows in the forward: each sums its share of row blocks into one partial
-# histogram, so the partials take at most MAX_ROW_PROGRAMS x C x K, whatever B. A constant (not
-# the device's SM count) keeps the summation order, and so the bits, the same on every GPU.
+# histogram, so the partials take at most MAX_ROW_PROGRAMS x C x K, whatever B. A constant, not
+# the device's SM count. (The row tile does follow the SM count (_forward_config), so soft
+# histograms may differ in their last bits between GPU models; on one GPU the bits repeat.)
 MAX_ROW_PROGRAMS = 1024
 
 # Largest tiles in the interpreter, whose cost grows with the number of programs and ops, not
@@ -213,12 +214,16 @@ def _forward_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
                 best = tl.where(better, tile_max, best)
         lse = m + tl.log(total)
         tl.store(lse_ptr + rows * C + h, lse, mask=row_mask)
+        # y = exp(z - m) / total in pass 2, not exp(z - lse): lse is rounded to ulp(lse), large
+        # beside total's own rounding when the logits are (distance: ~1e4).
+        inv_total = 1.0 / total
         # Rows with a non-finite lse poison the histogram (the reduce kernel makes it NaN).
         finite = (lse - lse) == 0
         bad += (row_mask & (finite == 0)).to(tl.int32)
 
-        # Pass 2: this block's column sums of e (one-hot or y = exp(z - lse)), added to the
-        # program's partial row (read back from the second block on; the same threads wrote it).
+        # Pass 2: this block's column sums of e (one-hot or y), added to the program's partial
+        # row (read back from the second block on, after a barrier: another thread may have
+        # stored what this one loads).
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             if HARD:
@@ -229,12 +234,13 @@ def _forward_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
                                     noise_rows, row_mask, scale, h, k0, D, K, C, Q, tau, seed_lo,
                                     seed_hi, ACC, DOT, PRECISION, ROUND_TF32, HAS_SCALE, NOISE,
                                     BLOCK_B, BLOCK_K, BLOCK_D)
-                y = tl.where(row_mask[:, None], tl.exp(z - lse[:, None]), 0.0)
+                y = tl.where(row_mask[:, None], tl.exp(z - m[:, None]) * inv_total[:, None], 0.0)
                 column = tl.sum(y, axis=0)
-            pointers = part_ptr + (pid_b * C + h) * K + ks
+            pointers = part_ptr + (pid_b.to(tl.int64) * C + h) * K + ks
             # A scalar condition stays out of masks: Triton 3.9's interpreter refuses a mask that
             # combines a tensor with a scalar comparison (its data is then int32, not bool).
             if block != pid_b:
+                tl.debug_barrier()
                 column += tl.load(pointers, mask=ks < K, other=0.0)
             tl.store(pointers, column, mask=ks < K)
     tl.store(bad_ptr + pid_b * C + h, tl.sum(bad, axis=0))
@@ -363,10 +369,10 @@ def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
                     scale_ptr, row_start, row_stop, D, K, C, tau_hi, tau_lo, seed_lo, seed_hi,
                     row_offset, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                     ROUND_TF32: tl.constexpr, HAS_SCALE: tl.constexpr, NOISE: tl.constexpr,
-                    FROM_ENTROPY: tl.constexpr,
+                    FROM_ENTROPY: tl.constexpr, SCRATCH: tl.constexpr, ROUND_SCRATCH: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """For rows [row_start, row_stop) and head h, into the chunk's scratch: y (G - e) with
-    y = exp(z - lse) and e = sum_k y G; for cosine also t = sum_k y (G - e) s and a_b. G comes
+    y = exp(z - lse) / sum_k exp(z - lse) and e = sum_k y G; for cosine also t = sum_k y (G - e) s and a_b. G comes
     from grad_ptr, or with FROM_ENTROPY from the histogram and dL/dH (see _bins_grad)."""
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
@@ -385,9 +391,10 @@ def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
     weight, mean = _bins_grad_setup(grad_ptr, grad_entropy_ptr, weight_stride, weight_divisor, h,
                                     K, ACC, FROM_ENTROPY, BLOCK_K)
     e = tl.zeros((BLOCK_B,), ACC)
+    n = tl.zeros((BLOCK_B,), ACC)
     gs = tl.zeros((BLOCK_B,), ACC)
     ys = tl.zeros((BLOCK_B,), ACC)
-    # Pass 1: recompute the logits, store y, accumulate e (and the cosine sums).
+    # Pass 1: recompute the logits, store y, accumulate e, n = sum_k y (and the cosine sums).
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
@@ -400,14 +407,19 @@ def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
         g = _bins_grad(grad_ptr, h, ks, K, weight, mean, FROM_ENTROPY)
         yg = y * g[None, :]
         e += tl.sum(yg, axis=1)
+        n += tl.sum(y, axis=1)
         if HAS_SCALE:
             gs += tl.sum(yg * s, axis=1)
             ys += tl.sum(y * s, axis=1)
-        tl.store(delta_ptr + local[:, None] * ld_delta + (h * K + ks)[None, :], y.to(DOT),
+        tl.store(delta_ptr + local[:, None] * ld_delta + (h * K + ks)[None, :], y.to(SCRATCH),
                  mask=mask)
+    # y / n: the stored lse is rounded to ulp(lse), which scales y by up to 1 +- ulp(lse)/2;
+    # with sum_k y != 1, sum_k delta is not the 0 the gradient formula needs (chunked.py).
+    inv_n = tl.where(row_mask, 1.0 / n, 0.0)
+    e = e * inv_n
     if HAS_SCALE:
         # G is centred per head (_bins_grad), which keeps this difference well conditioned.
-        tl.store(t_ptr + rows * C + h, gs - e * ys, mask=row_mask)
+        tl.store(t_ptr + rows * C + h, (gs - e * ys) * inv_n, mask=row_mask)
     # Pass 2: y -> y (G - e) in place. The tiles were just written by this program (still in
     # L2); the barrier makes other threads' stores visible before they are read back.
     tl.debug_barrier()
@@ -416,10 +428,10 @@ def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
         k_mask = ks < K
         mask = row_mask[:, None] & k_mask[None, :]
         pointers = delta_ptr + local[:, None] * ld_delta + (h * K + ks)[None, :]
-        y = tl.load(pointers, mask=mask, other=0.0).to(ACC)
+        y = tl.load(pointers, mask=mask, other=0.0).to(ACC) * inv_n[:, None]
         g = _bins_grad(grad_ptr, h, ks, K, weight, mean, FROM_ENTROPY)
-        delta = (y * (g[None, :] - e[:, None])).to(DOT)
-        if ROUND_TF32:  # the GEMM's operand, exactly representable in TF32
+        delta = (y * (g[None, :] - e[:, None])).to(SCRATCH)
+        if ROUND_SCRATCH:  # the GEMM's operand, exactly representable in TF32
             delta = _round_to_tf32(delta)
         tl.store(pointers, delta, mask=mask)
 
@@ -448,7 +460,9 @@ def _grad_kernel(delta_ptr, ld_delta, vt_ptr, ld_v, t_ptr, scale_ptr, r_ptr, str
         k_mask = (k0 + ks) < CK
         delta = tl.load(delta_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(delta, v, acc, input_precision=PRECISION, out_dtype=ACC)
+        # float16 features: v widened to the float32 scratch (exactly: TF32 holds float16's
+        # 10-bit mantissa); otherwise the same dtype, and this is a no-op.
+        acc = tl.dot(delta, v.to(delta.dtype), acc, input_precision=PRECISION, out_dtype=ACC)
         delta_ptrs += BLOCK_K
         v_ptrs += BLOCK_K * ld_v
     inv = tl.cast(inv_hi, ACC) + tl.cast(inv_lo, ACC)  # 1 / (B tau)
@@ -515,13 +529,13 @@ def _dot_dtype(features: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def _precision(dot_dtype: torch.dtype) -> str:
+def _precision(dot_dtype: torch.dtype, similarity: str) -> str:
     if dot_dtype == torch.float64:
         return "ieee"
     if dot_dtype != torch.float32:
         return "tf32"  # Triton's default; only fp32 operands read it
     if FP32_PRECISION is None:
-        return fp32_precision()
+        return fp32_precision(similarity)
     if FP32_PRECISION not in FP32_PRECISIONS:
         raise ValueError(f"fused_triton.FP32_PRECISION must be one of {FP32_PRECISIONS} or "
                          f"None, got {FP32_PRECISION!r}")
@@ -650,7 +664,7 @@ def _prepare(features, dictionary, similarity, estimator):
     _check_runnable(features)
     compute = compute_dtype(features.dtype)
     dot_dtype = _dot_dtype(features)
-    precision = _precision(dot_dtype)
+    precision = _precision(dot_dtype, similarity)
     round_tf32 = dot_dtype == torch.float32 and precision == "tf32"
     proj = _projected(dictionary, similarity, compute, dot_dtype, round_tf32)
     return compute, dot_dtype, precision, round_tf32, proj
@@ -738,12 +752,17 @@ def _backward(prepared, grad, features, lse, similarity, estimator, tau, seed, r
     heads, bins = proj.heads, proj.bins
     device = features.device
     lse = lse.to(compute).contiguous()
+    # The scratch holds y (G - e) before the 1 / (B tau): for float16 features it is float32
+    # (TF32-rounded, the gradient GEMM on TF32 tensor cores, as the cuda backend does), since
+    # G reaches float16's 65504 as soon as a GradScaler scales dL/dH by 2^10 or so.
+    scratch_dtype = torch.float32 if dot_dtype == torch.float16 else dot_dtype
+    round_scratch = round_tf32 or dot_dtype == torch.float16
     fwd_blocks, fwd_launch = _forward_config(dot_dtype, rows, dim, heads, bins, device)
-    grad_blocks, grad_launch = _grad_config(dot_dtype, rows, dim, heads, bins, device)
+    grad_blocks, grad_launch = _grad_config(scratch_dtype, rows, dim, heads, bins, device)
     align = max(fwd_blocks["BLOCK_B"], grad_blocks["BLOCK_M"])
-    step = _chunk_rows(rows, heads, bins, dim, dot_dtype, features.dtype, align)
+    step = _chunk_rows(rows, heads, bins, dim, scratch_dtype, features.dtype, align)
     # Scratch rows padded to 16 elements, like vt's, for aligned loads in the GEMM.
-    delta = torch.empty(min(step, rows), _round_up16(heads * bins), dtype=dot_dtype,
+    delta = torch.empty(min(step, rows), _round_up16(heads * bins), dtype=scratch_dtype,
                         device=device)
     cosine = similarity == "cosine"
     t = torch.empty(rows, heads, dtype=compute, device=device) if cosine else lse
@@ -765,6 +784,7 @@ def _backward(prepared, grad, features, lse, similarity, estimator, tau, seed, r
                 tau_hi, tau_lo, seed_lo, seed_hi, row_offset, ACC=acc, DOT=dot,
                 PRECISION=precision, ROUND_TF32=round_tf32, HAS_SCALE=cosine,
                 NOISE=estimator != "softmax", FROM_ENTROPY=grad_entropy is not None,
+                SCRATCH=_TL_DTYPES[scratch_dtype], ROUND_SCRATCH=round_scratch,
                 **fwd_blocks, **fwd_launch)
             grid = (_cdiv(stop - start, grad_blocks["BLOCK_M"]),
                     _cdiv(dim, grad_blocks["BLOCK_N"]))

@@ -86,7 +86,7 @@ def _backward(grad_histogram, grad_entropy, histogram, features, vt, bias, lse, 
     acc = _acc(r.dtype)
     inputs = [None if t is None else t.to(acc).contiguous()
               for t in (grad_histogram, grad_entropy, histogram, lse)]
-    expected = torch.empty(rows, heads, dtype=acc) if bins > TILE_BINS else None
+    expected = torch.empty(rows, heads, 2, dtype=acc) if bins > TILE_BINS else None
     accumulator = torch.empty(-(-rows // TILE_ROWS) * TILE_ROWS, -(-dim // TILE_DIM) * TILE_DIM,
                               dtype=acc)
     grad = torch.empty(rows, dim, dtype=r.dtype)
