@@ -19,11 +19,15 @@ import weakref
 import torch
 
 from ._arguments import as_int, as_real
+from .noise import SEED_LIMIT
 
 SIMILARITIES = ("dot", "cosine", "distance")
 
 # Norms below this are treated as this (a zero feature row or atom has no direction; its
-# cosine similarities become 0 instead of NaN, like torch.nn.functional.cosine_similarity).
+# cosine similarities become 0 instead of NaN). Values and gradients are exactly those of
+# F.normalize(r, dim=1, eps=1e-12) @ (w / |w|): a zero feature row gets the finite but huge
+# gradient (1 / 1e-12) sum_hk delta[b,h,k] v_hk, about 1e12 times an ordinary row's scale (not
+# torch.nn.functional.cosine_similarity's, whose eps is 1e-8 and divides differently).
 NORM_EPS = 1e-12
 
 
@@ -33,19 +37,28 @@ def uniform_dictionary(dim: int, bins: int = 100, heads: int = 1, low: float = -
     """A (heads, dim, bins) dictionary drawn uniformly on [low, high), reproducibly from `seed`.
 
     The paper draws it on [-1, 1] (few-shot) or [0, 1) (hyperspectral) and never trains it.
-    The draw happens on the CPU in float32, so the same seed gives the same atoms on every device
-    (also under torch.set_default_device); `device=None` means torch's default device.
+    The draw happens on the CPU (u uniform in float32, then low (1 - u) + high u in float64,
+    which cannot overflow, rounded once to `dtype`), so the same seed gives the same atoms on
+    every device (also under torch.set_default_device); `device=None` means torch's default
+    device. `seed` is an int in [0, 2**63), as for `entropy`, or None (a seed from torch's
+    default generator); `low` and `high` must be finite and distinct in `dtype`.
     """
     dim, bins, heads = (_positive_int("dim", dim), _positive_int("bins", bins),
                         _positive_int("heads", heads))
     low, high = _bounds(low, high)
+    dtype = _target_dtype(dtype)
+    _check_representable(low, high, dtype)
     if seed is not None:
         seed = as_int("seed", seed, "an int or None")
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**63) or None, got {seed}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch._C._DisableFuncTorch():  # a function of `seed`: never mapped by torch.func.vmap
-        atoms = torch.rand(heads, dim, bins, generator=generator, dtype=torch.float32,
-                           device="cpu")
-    atoms = low + (high - low) * atoms
+        u = torch.rand(heads, dim, bins, generator=generator, dtype=torch.float32,
+                       device="cpu").double()  # exact
+    # low (1 - u) + high u rather than low + (high - low) u, whose high - low can overflow.
+    # (Both exact for the usual [-1, 1) and [0, 1).)
+    atoms = u.mul(high).add_((1 - u).mul_(low))
     return _placed(atoms, device, dtype)
 
 
@@ -58,18 +71,60 @@ def bin_dictionary(bins: int, low: float, high: float, heads: int = 1, device=No
     """
     bins, heads = _positive_int("bins", bins), _positive_int("heads", heads)
     low, high = _bounds(low, high, ordered=bins > 1)  # one bin sits at `low`
-    centres = torch.linspace(low, high, bins, dtype=torch.float64, device="cpu")
+    dtype = _target_dtype(dtype)
+    _check_representable(low, high, dtype, distinct=bins > 1)
+    if math.isinf(high - low):  # linspace's step would overflow: halve (exact), then double
+        centres = torch.linspace(low / 2, high / 2, bins, dtype=torch.float64, device="cpu") * 2
+    else:
+        centres = torch.linspace(low, high, bins, dtype=torch.float64, device="cpu")
     centres = centres.view(1, 1, bins).expand(heads, 1, bins).contiguous()
     return _placed(centres, device, dtype)
 
 
-def _placed(values: torch.Tensor, device, dtype) -> torch.Tensor:
-    """CPU `values` copied into a new tensor allocated as a torch factory would (device=None and
-    dtype=None: torch's defaults, torch.set_default_device included)."""
+def _target_dtype(dtype) -> torch.dtype:
+    """The dtype a dictionary is made in: `dtype`, or torch's default for None."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
-    out = torch.empty(values.shape, dtype=dtype or torch.get_default_dtype(), device=device)
+    return dtype or torch.get_default_dtype()
+
+
+def _check_representable(low: float, high: float, dtype: torch.dtype,
+                         distinct: bool = True) -> None:
+    """ValueError naming `low` / `high` when one rounds to Inf in `dtype`, or (`distinct`) when
+    both round to the same value, which would make every atom that one value."""
+    rounded = torch.tensor([low, high], dtype=torch.float64, device="cpu").to(dtype)
+    for name, value, kept in (("low", low, rounded[0]), ("high", high, rounded[1])):
+        if not bool(kept.isfinite()):
+            raise ValueError(f"{name}={value} is not representable in {dtype} (largest finite "
+                             f"value {torch.finfo(dtype).max})")
+    if distinct and bool(rounded[0] == rounded[1]):
+        raise ValueError(f"low={low} and high={high} round to the same {dtype} value "
+                         f"{rounded[0].item()}: widen the range or use a wider dtype")
+
+
+def _placed(values: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """CPU `values` copied into a new tensor allocated as a torch factory would (device=None:
+    torch's default device, torch.set_default_device included)."""
+    out = torch.empty(values.shape, dtype=dtype, device=device)
     return out.copy_(values)
+
+
+def vector_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 2-norm over `dim` (kept as a size-1 dim) without overflow: torch's norm squares the
+    entries in x's dtype, so a float32 row whose norm exceeds ~1.8e19 (sqrt of float32's max)
+    would get an Inf norm and, for cosine, zero similarities (a uniform histogram). Where the
+    plain norm overflows, the entries are divided by their largest magnitude first; elsewhere
+    the plain norm is kept bit for bit. (Underflow needs no care: it only affects norms far
+    below NORM_EPS, which the callers clamp.) On a CPU the rescaled norm is computed only when
+    needed (a check that costs a few microseconds where the rescaling would cost 3-6x the norm);
+    elsewhere always, since the check would synchronise with the device."""
+    norm = x.norm(dim=dim, keepdim=True)
+    if x.device.type == "cpu" and not bool(torch.isinf(norm).any()):
+        return norm
+    peak = x.abs().amax(dim=dim, keepdim=True)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))  # no 0 / 0 in the unused branch
+    scaled = (x / peak).norm(dim=dim, keepdim=True) * peak
+    return torch.where(torch.isinf(norm), scaled, norm)  # an Inf entry: NaN, as its cosines
 
 
 def project_dictionary(dictionary: torch.Tensor, similarity: str,
@@ -79,17 +134,18 @@ def project_dictionary(dictionary: torch.Tensor, similarity: str,
     if similarity == "dot":
         return w, None
     if similarity == "cosine":
-        return w / w.norm(dim=1, keepdim=True).clamp_min(NORM_EPS), None
+        return w / vector_norm(w, 1).clamp_min(NORM_EPS), None
     if similarity == "distance":
         return 2 * w, -(w * w).sum(dim=1)
     raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
 
 
 def row_scale(features: torch.Tensor, similarity: str) -> torch.Tensor | None:
-    """a_b of shape (B, 1) for cosine (1 / |r_b|), None (all ones) otherwise."""
+    """a_b of shape (B, 1) for cosine (1 / |r_b|, |r_b| computed without overflow), None (all
+    ones) otherwise."""
     if similarity != "cosine":
         return None
-    return 1.0 / features.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    return 1.0 / vector_norm(features, 1).clamp_min(NORM_EPS)
 
 
 def storage_state(tensor: torch.Tensor) -> tuple:

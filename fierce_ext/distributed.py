@@ -13,7 +13,10 @@ the world) or `process_group=` (that group). Then:
 - Noise: every rank uses the seed of the group's first rank (given or drawn from its default
   generator), and row b of rank r draws the noise of global row row_offset_r + b. The histogram
   and the entropy are those of one process holding the concatenated batch (rank order), whatever
-  the split, uneven batch sizes included (up to floating-point summation order).
+  the split, uneven batch sizes included (up to floating-point summation order). A rank may
+  hold no rows at all (the last, short batch of an epoch, say): it adds nothing to the
+  histogram, still takes part in both collectives, and its features get an empty gradient; an
+  empty global batch raises a ValueError on every rank.
 - Gradients (SyncBatchNorm's semantics): every rank's loss contains the same H(p_global); the
   backward all-reduces (sums) the incoming histogram gradient, so rank r's feature gradient is the
   gradient of the SUM over ranks of the ranks' losses w.r.t. its rows, i.e. world_size times the
@@ -37,7 +40,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops
+from . import backends, noise, ops
+
+
+def may_sync(sync: bool, process_group) -> bool:
+    """Whether a call with these arguments synchronises (if they are valid: the caller checks
+    them afterwards), i.e. asks for it and torch.distributed has an initialised process group."""
+    return ((sync is True or process_group is not None) and dist.is_available()
+            and dist.is_initialized())
 
 
 def active_group(process_group=None):
@@ -98,7 +108,18 @@ def global_histogram(features: Tensor, dictionary: Tensor, seed: Tensor, similar
                                   "transforms")
     rows = features.shape[0]
     before, total, seed = batch_layout(rows, seed, features.device, group)
-    local, _ = ops.histogram(features, dictionary, seed, similarity, estimator, tau,
-                             row_offset + before, backend)
+    if total == 0:  # every rank knows it now: all raise, none waits
+        raise ValueError("features must hold at least one row in the global batch: every rank "
+                         "of the process group has batch size 0")
+    # The global rows' noise counters, checked on every rank alike before the next collective
+    # (a check of this rank's rows alone could stop some ranks and leave the others waiting).
+    noise.check_rows(row_offset, total, dictionary.shape[0], dictionary.shape[2])
+    if rows == 0:  # a share with no rows: weight 0 below; the sum keeps features in the graph
+        compute = backends.compute_dtype(features.dtype)
+        local = features.new_zeros(dictionary.shape[0], dictionary.shape[2], dtype=compute) \
+            + features.sum().to(compute)
+    else:
+        local, _ = ops.histogram(features, dictionary, seed, similarity, estimator, tau,
+                                 row_offset + before, backend)
     # Weight by the local batch size so that uneven splits average over rows, not ranks.
     return all_reduce_sum(local * rows, group) / total

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from . import backends, distributed
 from ._arguments import as_int, as_real, check_floating_tensor
 from .dictionary import SIMILARITIES, uniform_dictionary
-from .noise import SEED_LIMIT, draw_seed
+from .noise import COUNTER_LIMIT, SEED_LIMIT, draw_seed
 from . import ops
 
 ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
@@ -62,7 +62,9 @@ def histogram(features: Tensor, dictionary: Tensor, *, similarity: str = "cosine
     (C, D, K); each row sums to 1. Differentiable w.r.t. `features`.
 
     `row_offset` is the global index of the first row (for noise that does not depend on how a
-    batch is split across processes). Float64 features compute in float64, others in float32:
+    batch is split across processes); the noise counters of rows row_offset .. row_offset + B - 1
+    must stay below 2^63, so row_offset + B is at most 2^63 / (C ceil(K / 4)) (ValueError beyond;
+    fierce_ext/noise.py). Float64 features compute in float64, others in float32:
     float16/bfloat16 features (e.g. under torch.autocast) give a float32 histogram and a
     gradient in their own dtype.
 
@@ -72,7 +74,7 @@ def histogram(features: Tensor, dictionary: Tensor, *, similarity: str = "cosine
     global offset); see `fierce_ext.distributed`. Without an initialised process group it is
     the single-process histogram.
     """
-    _check_features(features)
+    _check_features(features, empty_ok=distributed.may_sync(sync, process_group))
     _check_dictionary(dictionary, features)
     return _checked_histogram(features, dictionary, similarity, estimator, tau, seed, backend,
                               row_offset, sync, process_group)
@@ -99,8 +101,8 @@ def _checked_options(features, similarity, estimator, tau, seed, backend, row_of
     _check_choice("estimator", estimator, ESTIMATORS)
     tau = _check_tau(tau)
     row_offset = as_int("row_offset", row_offset, "a non-negative int")
-    if row_offset < 0:
-        raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
+    if not 0 <= row_offset < COUNTER_LIMIT:  # (row_offset + B) * C * ceil(K / 4): see ops.py
+        raise ValueError(f"row_offset must be a non-negative int below 2**63, got {row_offset!r}")
     _check_backend(backend)
     group = _sync_group(sync, process_group)
     return (tau, row_offset, _resolve_backend(backend, features.device), _seed_tensor(seed),
@@ -108,7 +110,10 @@ def _checked_options(features, similarity, estimator, tau, seed, backend, row_of
 
 
 def histogram_entropy(histogram: Tensor, reduction: str = "mean") -> Tensor:
-    """Entropy in bits of each row of a (C, K) histogram, averaged over rows for "mean"."""
+    """Entropy in bits of each row of a (C, K) histogram, averaged over rows for "mean".
+
+    Like `entropy`: float32 for a float16/bfloat16/float32 histogram (half histograms compute in
+    float32), float64 for a float64 one; the histogram's gradient keeps its dtype."""
     _check_choice("reduction", reduction, REDUCTIONS)
     check_floating_tensor("histogram", histogram, ("heads", "bins"))
     return backends.entropy_bits(histogram, reduction)
@@ -134,7 +139,7 @@ def entropy(features: Tensor, dictionary: Tensor | None = None, *, bins: int | N
     Works inside `torch.compile(..., fullgraph=True)` (seed=None draws the seed in the graph);
     the distributed path runs eagerly (a graph break).
     """
-    _check_features(features)
+    _check_features(features, empty_ok=distributed.may_sync(sync, process_group))
     _check_choice("reduction", reduction, REDUCTIONS)
     if dictionary is None:
         # Valid by construction (and a traced constant under torch.compile, whose attributes
@@ -216,28 +221,36 @@ def _sync_group(sync, process_group):
 
 # ---------------------------------------------------------------------------- argument checks
 
-def _check_features(features) -> None:
+def _check_features(features, empty_ok: bool = False) -> None:
+    """`empty_ok`: a synchronised call, where a rank's empty batch is a share of the global one
+    (fierce_ext.distributed refuses an empty global batch on every rank)."""
     check_floating_tensor("features", features, ("batch", "dim"))
-    if features.shape[0] == 0:
+    if features.shape[0] == 0 and not empty_ok:
         raise ValueError("features must hold at least one row (batch size 0)")
     if features.shape[1] == 0:
         raise ValueError("features must have at least one column (dim 0)")
 
 
 def _check_dictionary(dictionary, features: Tensor) -> None:
-    check_floating_tensor("dictionary", dictionary, ("heads", "dim", "bins"))
-    if dictionary.shape[1] != features.shape[1]:
-        raise ValueError(f"dictionary dim {dictionary.shape[1]} (shape {tuple(dictionary.shape)}) "
-                         f"does not match features dim {features.shape[1]}")
-    if dictionary.shape[0] < 1 or dictionary.shape[2] < 1:
-        raise ValueError(f"dictionary needs heads >= 1 and bins >= 1, got shape "
-                         f"{tuple(dictionary.shape)}")
+    _check_dictionary_shape(dictionary, features.shape[1], "features dim")
     if dictionary.device != features.device:
         raise ValueError(f"dictionary is on {dictionary.device} but features are on "
                          f"{features.device}; move them to the same device")
     if dictionary.requires_grad:
         raise ValueError("dictionary requires grad, but FIERCE keeps it fixed; pass "
                          "dictionary.detach() (or register it as a buffer)")
+
+
+def _check_dictionary_shape(dictionary, dim: int, what: str) -> None:
+    """A dense floating (heads, dim, bins) tensor with heads, bins >= 1 and the given dim (`what`
+    names where that dim comes from); shared by the functions and FeatureEntropy's constructor."""
+    check_floating_tensor("dictionary", dictionary, ("heads", "dim", "bins"))
+    if dictionary.shape[1] != dim:
+        raise ValueError(f"dictionary dim {dictionary.shape[1]} (shape {tuple(dictionary.shape)}) "
+                         f"does not match {what} {dim}")
+    if dictionary.shape[0] < 1 or dictionary.shape[2] < 1:
+        raise ValueError(f"dictionary needs heads >= 1 and bins >= 1, got shape "
+                         f"{tuple(dictionary.shape)}")
 
 
 def _check_dictionary_size(dictionary: Tensor, bins: int | None, heads: int | None) -> None:

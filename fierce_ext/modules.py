@@ -6,10 +6,11 @@ import math
 
 from torch import Tensor, nn
 
-from ._arguments import as_int, as_real, check_floating_tensor
+from ._arguments import as_int, as_real
 from .dictionary import SIMILARITIES, uniform_dictionary
 from .functional import (DEFAULT_BINS, DEFAULT_HEADS, ESTIMATORS, _check_backend, _check_choice,
-                         _check_dictionary_size, _check_tau, entropy)
+                         _check_dictionary_shape, _check_dictionary_size, _check_tau,
+                         entropy)
 
 
 class FeatureEntropy(nn.Module):
@@ -43,13 +44,15 @@ class FeatureEntropy(nn.Module):
         self.sync, self.process_group = sync, process_group
         _check_backend(backend)
         dim = as_int("dim", dim)
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
         if dictionary is None:
             dictionary = uniform_dictionary(dim, DEFAULT_BINS if bins is None else bins,
                                             DEFAULT_HEADS if heads is None else heads, seed=0)
         else:
-            check_floating_tensor("dictionary", dictionary, ("heads", "dim", "bins"))
-            if dictionary.shape[1] != dim:
-                raise ValueError(f"dictionary dim {dictionary.shape[1]} does not match dim {dim}")
+            # What forward would refuse, refused now (with forward's messages). A dictionary
+            # that requires grad is fine here: the buffer is a detached copy.
+            _check_dictionary_shape(dictionary, dim, "dim")
             _check_dictionary_size(dictionary, bins, heads)
         self.register_buffer("dictionary", dictionary.detach().clone())
         self.similarity, self.estimator, self.backend = similarity, estimator, backend

@@ -7,7 +7,7 @@ CUDA) draws the very same numbers for the same seed.
 The rule, for features of B rows, a dictionary of C heads and K bins:
 
     Q       = ceil(K / 4)                                  # counters per (row, head)
-    n       = ((row_offset + b) * C + h) * Q + k // 4       # 64-bit counter
+    n       = ((row_offset + b) * C + h) * Q + k // 4       # counter, 0 <= n < 2^63
     x0..x3  = Philox4x32-10(counter = (n mod 2^32, n div 2^32, 0, 0),
                             key     = (seed mod 2^32, seed div 2^32))
     x       = x_{k mod 4}                                    # one 32-bit word per bin
@@ -21,6 +21,10 @@ Philox4x32-10 is the counter-based generator of Salmon et al. (Random123, SC'11)
 `g` is computed in the backend's compute precision and may differ in the last bit between
 math libraries. `row_offset` is the global index of the first row, so that a batch split across
 processes draws the noise of the unsplit batch.
+
+Every counter must be below 2^63 (COUNTER_LIMIT), i.e. (row_offset + B) * C * Q <= 2^63: the
+torch form below and the custom ops' `int row_offset` are int64, so past it the implementations
+would disagree (or fail) instead of drawing one rule; `check_rows` refuses such rows.
 """
 
 from __future__ import annotations
@@ -39,6 +43,21 @@ PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
 MASK32 = 0xFFFFFFFF
 SEED_LIMIT = 2**63  # seeds live in [0, 2^63): a torch int64 (custom-op schemas have no uint64)
+COUNTER_LIMIT = 2**63  # counters live in [0, 2^63): int64 in the torch form and the op schemas
+
+
+def check_rows(row_offset: int, rows: int, heads: int, bins: int) -> None:
+    """ValueError naming `row_offset` unless every counter of rows row_offset .. row_offset +
+    rows - 1 (C = heads, K = bins) is below COUNTER_LIMIT, the range every implementation
+    draws the same words for."""
+    quads = (bins + 3) // 4
+    if row_offset < 0 or (row_offset + rows) * heads * quads > COUNTER_LIMIT:
+        limit = COUNTER_LIMIT // (heads * quads)
+        raise ValueError(
+            f"row_offset + batch rows must be at most {limit} (2**63 / (heads * ceil(bins / 4))) "
+            f"with {heads} heads and {bins} bins, got row_offset={row_offset} and {rows} rows: "
+            f"the noise counter ((row_offset + b) * heads + h) * ceil(bins / 4) + k // 4 must "
+            f"stay below 2**63 (see fierce_ext/noise.py)")
 
 
 def _mulhilo(multiplier: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +117,8 @@ def _words_numpy(first: int, total: int, key: tuple[int, int]) -> torch.Tensor:
 
 
 def _words_torch(first: int, total: int, key: tuple[int, int], device) -> torch.Tensor:
-    n = torch.arange(first, first + total, dtype=torch.int64, device=device)
+    # (first + arange, not arange(first, first + total): the end may be 2^63, past int64)
+    n = torch.arange(total, dtype=torch.int64, device=device).add_(first)
     zero = torch.zeros_like(n)
     return torch.stack(philox4x32_10(n & MASK32, n >> 32, zero, zero, *key), -1)
 
@@ -106,6 +126,7 @@ def _words_torch(first: int, total: int, key: tuple[int, int], device) -> torch.
 def random_words(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """The 32-bit words x[b, h, k] of the noise rule, as an int64 tensor (rows, heads, bins)."""
+    check_rows(row_offset, rows, heads, bins)
     quads = (bins + 3) // 4
     total = rows * heads * quads
     first = (row_offset * heads) * quads
@@ -143,6 +164,7 @@ def uniform_noise(seed: int, rows: int, heads: int, bins: int, row_offset: int =
                   device: torch.device | str | None = None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The rule's u[b, h, k], shape (rows, heads, bins)."""
+    check_rows(row_offset, rows, heads, bins)
     device = torch.device(device) if device is not None else torch.get_default_device()
     if device.type == "cpu" and dtype in (torch.float32, torch.float64):
         op = compiled_uniform()

@@ -25,7 +25,10 @@ through `HistogramUnderTransforms` / `EntropyUnderTransforms`: the same forward,
 backward, with the backend run directly and a vmap rule that loops over the mapped dimension.
 The backward itself runs inside `_FirstOrderOnly`, so that asking for a second derivative
 (hessian, grad of grad) raises instead of differentiating the backend's code; forward-mode AD
-(jvp, jacfwd) raises NotImplementedError.
+(jvp, jacfwd) raises NotImplementedError. Outside transforms, create_graph=True runs the
+backward custom ops, whose registered autograd raises the same NotImplementedError
+(`NO_SECOND_DERIVATIVE`) when their result is differentiated (a torch.compile'd call raises
+torch's own "torch.compile with aot_autograd does not currently support double backward").
 
 Mixed precision (torch.autocast): the ops have no autocast registration that casts inputs. They
 take float16/bfloat16 features as they are (a fused backend reads them directly, half the bytes of
@@ -42,7 +45,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, noise
 
 # -------------------------------------------------------- what both paths run (eager and traced)
 
@@ -96,8 +99,15 @@ def _run_backward(direct, op, args, grad, features):
     return op(*args)
 
 
+def _check_rows(features, dictionary, row_offset) -> None:
+    # Here, where the sizes are concrete (also under torch.compile, where the caller's batch
+    # size may be symbolic): every backend's noise counters must stay below 2^63.
+    noise.check_rows(row_offset, features.shape[0], dictionary.shape[0], dictionary.shape[2])
+
+
 def _histogram_forward(features, dictionary, seed, similarity, estimator, tau, row_offset,
                        backend):
+    _check_rows(features, dictionary, row_offset)
     with _autocast_off(features.device):
         return backends.load(backend).histogram_forward(
             features, dictionary, similarity, estimator, tau, int(seed), row_offset)
@@ -113,6 +123,7 @@ def _histogram_backward(grad_histogram, features, dictionary, lse, seed, similar
 
 def _entropy_forward(features, dictionary, seed, similarity, estimator, tau, row_offset, backend,
                      reduction):
+    _check_rows(features, dictionary, row_offset)
     module = backends.load(backend)
     with _autocast_off(features.device):
         if hasattr(module, "entropy_forward"):
@@ -181,8 +192,9 @@ def _histogram_autograd_backward(ctx, grad_histogram, _grad_lse):
     grad_features = None
     if ctx.needs_input_grad[0] and grad_histogram is not None:
         # create_graph=True (grad mode on here) goes through the op too: it has no second
-        # derivative, and the op says so when one is asked for, where a direct call would
-        # differentiate the backend's code with its saved statistics treated as constants.
+        # derivative, and the op's registered autograd (_no_second_derivative) says so when one
+        # is asked for, where a direct call would differentiate the backend's code with its
+        # saved statistics treated as constants.
         grad_features = _run_backward(
             _histogram_backward, histogram_backward_op,
             (grad_histogram, features, dictionary, lse, seed, *ctx.options), grad_histogram,
@@ -192,6 +204,25 @@ def _histogram_autograd_backward(ctx, grad_histogram, _grad_lse):
 
 histogram_op.register_autograd(_histogram_autograd_backward,
                                setup_context=_histogram_setup_context)
+
+
+NO_SECOND_DERIVATIVE = ("fierce_ext's histogram and entropy have no second derivative "
+                        "(hessian, grad of grad, a backward through a create_graph=True "
+                        "gradient); only their first derivative is implemented")
+
+
+def _no_second_derivative_setup(ctx, inputs, output):
+    pass
+
+
+def _no_second_derivative(ctx, *grads):
+    """The backward ops' own backward: differentiating a gradient of the ops is refused in
+    these words, rather than with torch's generic "no autograd formula was registered"."""
+    raise NotImplementedError(NO_SECOND_DERIVATIVE)
+
+
+histogram_backward_op.register_autograd(_no_second_derivative,
+                                        setup_context=_no_second_derivative_setup)
 
 
 class Histogram(torch.autograd.Function):
@@ -277,6 +308,8 @@ def _entropy_autograd_backward(ctx, grad_entropy, _grad_histogram, _grad_lse):
 
 
 entropy_op.register_autograd(_entropy_autograd_backward, setup_context=_entropy_setup_context)
+entropy_backward_op.register_autograd(_no_second_derivative,
+                                      setup_context=_no_second_derivative_setup)
 
 
 class Entropy(torch.autograd.Function):
@@ -337,8 +370,7 @@ class _FirstOrderOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("fierce_ext's histogram and entropy have no second derivative "
-                           "(hessian, grad of grad); only their first derivative is implemented")
+        raise NotImplementedError(NO_SECOND_DERIVATIVE)  # a RuntimeError, as before
 
     @staticmethod
     def vmap(info, in_dims, fn, *args):

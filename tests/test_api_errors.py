@@ -117,6 +117,29 @@ def test_bad_row_offset():
         _histogram(row_offset=2.0)
 
 
+@pytest.mark.parametrize("row_offset", [2**63, 2**64, 2**70])
+def test_row_offset_past_int64_refused(row_offset):
+    with pytest.raises(ValueError, match="row_offset"):
+        _histogram(row_offset=row_offset)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_row_offset_bounded_by_the_noise_counter(estimator):
+    # The counter ((row_offset + b) * C + h) * ceil(K / 4) + k // 4 must stay below 2^63 (int64
+    # in the torch form and the op schemas): W has 2 heads and 7 bins, 4 counters per row, so
+    # row_offset + 8 rows may reach 2^61 and no more, whatever the estimator.
+    limit = 2**63 // 4
+    for row_offset in (limit - 7, 2**62, 2**63 - 1):
+        with pytest.raises(ValueError, match=r"row_offset \+ batch rows must be at most "
+                                             f"{limit}"):
+            _histogram(row_offset=row_offset, estimator=estimator)
+    # At the limit every backend draws the same noise (the last counter is 2^63 - 1).
+    last = _histogram(row_offset=limit - 8, estimator=estimator)
+    assert last.isfinite().all()
+    torch.testing.assert_close(last, _histogram(row_offset=limit - 8, estimator=estimator,
+                                                backend="reference"))
+
+
 def test_numpy_scalars_are_accepted_as_python_numbers():
     # Seeds, sizes and rates often come out of numpy (schedules, configs, np.random): numpy's
     # integer and floating scalars act as the Python ints and floats of the same value.
@@ -162,6 +185,12 @@ def test_unavailable_backend_lists_available():
     (dict(dim=5, dictionary=torch.rand(1, 5, 7).to_sparse()), "dictionary must be a dense"),
     (dict(dim=5, dictionary=torch.ones(1, 5, 7, dtype=torch.int64)), "dictionary must be a float"),
     (dict(dim=5, dictionary=[[[1.0]]]), "dictionary must be a torch.Tensor"),
+    # A given dictionary is checked as forward would check it, with forward's messages.
+    (dict(dim=5, dictionary=torch.rand(1, 5, 0)), "dictionary needs heads >= 1 and bins >= 1"),
+    (dict(dim=5, dictionary=torch.rand(0, 5, 7)), "dictionary needs heads >= 1 and bins >= 1"),
+    (dict(dim=5, dictionary=torch.rand(1, 4, 7)),
+     r"dictionary dim 4 \(shape \(1, 4, 7\)\) does not match dim 5"),
+    (dict(dim=0, dictionary=torch.rand(1, 0, 7)), "dim must be >= 1"),
     # Checked when the module is built, not at its first forward.
     (dict(dim=5, backend="numpy"), "backend"),
     (dict(dim=5, backend=None), "backend"),
@@ -169,6 +198,18 @@ def test_unavailable_backend_lists_available():
 def test_bad_module_arguments(kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
         fierce_ext.FeatureEntropy(**kwargs)
+
+
+@pytest.mark.parametrize("dictionary", [torch.rand(1, 5, 0), torch.rand(0, 5, 7)],
+                         ids=["zero-bins", "zero-heads"])
+def test_module_refuses_a_dictionary_forward_would_refuse(dictionary):
+    # At construction, not at the first forward (nor as .max_entropy's "math domain error"),
+    # and in the words forward uses.
+    with pytest.raises(ValueError) as at_forward:
+        _entropy(dictionary=dictionary)
+    with pytest.raises(ValueError) as at_construction:
+        fierce_ext.FeatureEntropy(5, dictionary=dictionary)
+    assert str(at_construction.value) == str(at_forward.value)
 
 
 @pytest.mark.parametrize("lam", [math.nan, math.inf, "1", None])
@@ -183,6 +224,17 @@ def test_bad_lambda(lam):
     (dict(dim=3, dtype=torch.int32), "dtype"), (dict(dim=3, dtype=torch.complex64), "dtype"),
     (dict(dim=3, low=-math.inf), "low"), (dict(dim=3, high=math.nan), "high"),
     (dict(dim=3, low="0"), "low"),
+    # seed: an int in [0, 2**63) or None, as for entropy's seed.
+    (dict(dim=3, seed=-1), r"seed must be in \[0, 2\*\*63\)"),
+    (dict(dim=3, seed=2**63), r"seed must be in \[0, 2\*\*63\)"),
+    (dict(dim=3, seed=2**64), r"seed must be in \[0, 2\*\*63\)"),
+    (dict(dim=3, seed=True), "seed"),
+    # low and high must be finite, and distinct, in the dictionary's dtype.
+    (dict(dim=3, low=-1e39), "low=-1e\\+39 is not representable in torch.float32"),
+    (dict(dim=3, low=0.0, high=1e39), "high=1e\\+39 is not representable in torch.float32"),
+    (dict(dim=3, low=0.0, high=7e4, dtype=torch.float16), "high=70000.0 is not representable"),
+    (dict(dim=3, low=-4e38, high=0.0, dtype=torch.bfloat16), "low"),
+    (dict(dim=3, low=1.0, high=1.0 + 1e-10), "round to the same torch.float32 value"),
 ])
 def test_bad_uniform_dictionary(kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
@@ -192,6 +244,8 @@ def test_bad_uniform_dictionary(kwargs, word):
 @pytest.mark.parametrize("args, kwargs, word", [
     ((0, 1.0, 2.0), {}, "bins"), ((5, 2.0, 1.0), {}, "low"), ((5, 0.0, math.inf), {}, "high"),
     ((5, 0.0, 1.0), dict(dtype=torch.int64), "dtype"),
+    ((5, 0.0, 1e39), {}, "high=1e\\+39 is not representable"),
+    ((5, -7e4, 0.0), dict(dtype=torch.float16), "low"),
 ])
 def test_bad_bin_dictionary(args, kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
@@ -258,3 +312,52 @@ def test_non_finite_features_poison_whole_histogram(backend, bad, similarity, es
 def test_bad_device_for_available_backends():
     with pytest.raises(ValueError, match="device"):
         fierce_ext.available_backends("nodevice")
+
+
+# ------------------------------------------------------------------- zero and huge feature rows
+
+def test_zero_feature_row_gradient_is_that_of_normalize(backend):
+    # README / dictionary.NORM_EPS: a zero row's cosines are 0 and its gradient is exactly that
+    # of F.normalize(r, dim=1) @ (w / |w|) (norm clamped at 1e-12): finite, ~1e12 x sum delta v.
+    features = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    features[2] = 0.0
+    features.requires_grad_()
+    dictionary = fierce_ext.uniform_dictionary(4, 6, 2, dtype=torch.float64)
+    weights = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    p = fierce_ext.histogram(features, dictionary, estimator="softmax", backend=backend)
+    (grad,) = torch.autograd.grad((p * weights).sum(), features)
+    unit = dictionary / dictionary.norm(dim=1, keepdim=True)
+    s = torch.einsum("bd,hdk->bhk", torch.nn.functional.normalize(features, dim=1), unit)
+    (expected,) = torch.autograd.grad((torch.softmax(s, -1).mean(0) * weights).sum(), features)
+    torch.testing.assert_close(grad, expected, rtol=1e-9, atol=0)
+    assert grad[2].isfinite().all() and grad[2].abs().max() > 1e9
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e30, 1e37])
+def test_huge_float32_rows_keep_their_cosines(backend, magnitude):
+    # A float32 row (or atom) whose norm exceeds ~1.8e19 squared to Inf: every cosine became 0
+    # and the histogram uniform. Cosine is scale invariant: the histogram of the scaled float32
+    # features (and atoms) must be the float64 one of the unscaled.
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    dictionary = fierce_ext.uniform_dictionary(4, 5, 2, dtype=torch.float64)
+    options = dict(estimator="softmax", backend=backend)
+    expected = fierce_ext.histogram(features, dictionary, **options)
+    for scaled_features, scaled_dictionary in [(features * magnitude, dictionary),
+                                               (features, dictionary * magnitude)]:
+        p = fierce_ext.histogram(scaled_features.float(), scaled_dictionary.float(), **options)
+        torch.testing.assert_close(p, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_huge_float32_rows_reference_gradient():
+    # The reference backend's gradient of such rows too: (r / |r|) / |r|, not r / |r|^2.
+    generator = torch.Generator().manual_seed(4)
+    features = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    dictionary = fierce_ext.uniform_dictionary(4, 5, 2, dtype=torch.float64)
+    grads = []
+    for rows, atoms in [(features, dictionary), (features.float() * 1e25, dictionary.float())]:
+        rows = rows.clone().requires_grad_()
+        value = fierce_ext.entropy(rows, atoms, estimator="softmax", backend="reference")
+        (grad,) = torch.autograd.grad(value, rows)
+        grads.append(grad)
+    torch.testing.assert_close(grads[1].double() * 1e25, grads[0], rtol=1e-4, atol=1e-6)

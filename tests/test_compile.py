@@ -9,6 +9,7 @@ eager calls skip them: both paths are compared here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -320,19 +321,47 @@ def test_eager_call_and_custom_op_path_agree(backend, estimator, monkeypatch):
     assert grad.abs().sum() > 0
 
 
+class _PassThroughMode(TorchDispatchMode):
+    """A dispatch mode that changes nothing but makes the calls take the custom ops' path."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_double_backward_is_an_error_not_a_number(backend):
+@pytest.mark.parametrize("function", ["entropy", "histogram"])
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_double_backward_is_an_error_not_a_number(backend, function, path):
     # No second derivative exists: create_graph=True still gives the first-order gradient, and
-    # differentiating that gradient raises instead of returning a plausible number.
+    # differentiating that gradient raises, in fierce_ext's words (not torch's generic "no
+    # autograd formula was registered"), instead of returning a plausible number. Both paths:
+    # plain eager and the custom ops (here under a dispatch mode, as when traced).
     x = torch.randn(16, 4, requires_grad=True)
     dictionary = fierce_ext.uniform_dictionary(4, 8)
+    weights = torch.randn(1, 8)
 
-    def entropy():
-        return fierce_ext.entropy(x, dictionary, seed=1, estimator="softmax", backend=backend)
+    def value():
+        options = dict(seed=1, estimator="softmax", backend=backend)
+        if function == "entropy":
+            return fierce_ext.entropy(x, dictionary, **options)
+        return (fierce_ext.histogram(x, dictionary, **options) * weights).sum()
 
-    (grad,) = torch.autograd.grad(entropy(), x, create_graph=True)
-    torch.testing.assert_close(grad, torch.autograd.grad(entropy(), x)[0], rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="no autograd formula"):
+    with _PassThroughMode() if path == "op" else contextlib.nullcontext():
+        (grad,) = torch.autograd.grad(value(), x, create_graph=True)
+    torch.testing.assert_close(grad, torch.autograd.grad(value(), x)[0], rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="fierce_ext's histogram and entropy have no "
+                                                  "second derivative"):
+        torch.autograd.grad(grad.square().sum(), x)
+
+
+def test_compiled_double_backward_raises():
+    # Compiled, torch itself refuses first (AOTAutograd has no double backward).
+    x = torch.randn(16, 4, requires_grad=True)
+    dictionary = fierce_ext.uniform_dictionary(4, 8)
+    entropy = torch.compile(lambda x: fierce_ext.entropy(x, dictionary, seed=1,
+                                                         estimator="softmax"), fullgraph=True)
+    (grad,) = torch.autograd.grad(entropy(x), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(grad.square().sum(), x)
 
 

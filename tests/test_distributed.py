@@ -6,6 +6,7 @@ Reference: one process holding the concatenated batch (rank 0's rows first), sam
   (SyncBatchNorm semantics: the gradient of the sum over ranks of the ranks' identical losses);
 - seed=None: every rank uses the first rank's seed, whatever its own generator state;
 - NaN features on one rank make the histogram NaN on every rank;
+- a rank with no rows contributes nothing; an empty global batch raises on every rank;
 - a DDP step with FIERCELoss(sync=True) and SGD leaves the parameters of a single-process step
   on the whole batch (equal per-rank batch sizes, since the cross-entropy is a per-rank mean).
 Every check runs inside the workers; a failure there fails the test through mp.spawn.
@@ -127,6 +128,43 @@ def _histogram_worker(rank):
         rows[3, 0] = float("nan")
     hist = fierce_ext.histogram(rows, dictionary, seed=1, sync=True)
     assert torch.isnan(hist).all(), f"rank {rank}: NaN did not propagate"
+
+    # Noise counters past 2^63: the global rows decide, on every rank alike. Here rank 0's own
+    # rows would fit but the global batch does not; a per-rank check would stop rank 1 only and
+    # leave rank 0 waiting in the all_reduce.
+    limit = 2**63 // 3  # 1 head, ceil(12 / 4) = 3 counters per row
+    try:
+        fierce_ext.histogram(_split(full, (9, 11), rank), dictionary, seed=1, sync=True,
+                             row_offset=limit - 15)
+    except ValueError as error:
+        assert "row_offset" in str(error), error
+    else:
+        raise AssertionError(f"rank {rank}: rows past the noise counter's range were accepted")
+    hist = fierce_ext.histogram(_split(full, (9, 11), rank), dictionary, seed=1, sync=True,
+                                row_offset=limit - 20)
+    torch.testing.assert_close(hist, fierce_ext.histogram(full, dictionary, seed=1,
+                                                          row_offset=limit - 20))
+
+    # A rank without rows (an epoch's short last batch): the other rank's rows make the
+    # histogram, both take part in the collectives, the empty rank's features get an empty
+    # gradient. Every rank empty: a ValueError on each, none left waiting.
+    for estimator in ("gumbel_hard", "softmax"):
+        kwargs = dict(estimator=estimator, seed=5)
+        reference_rows = full.clone().requires_grad_()
+        reference = fierce_ext.entropy(reference_rows, dictionary, **kwargs)
+        (reference_grad,) = torch.autograd.grad(reference, reference_rows)
+        rows = _split(full, (20, 0), rank).clone().requires_grad_()
+        value = fierce_ext.entropy(rows, dictionary, sync=True, **kwargs)
+        torch.testing.assert_close(value, reference)
+        value.backward()
+        assert rows.grad.shape == rows.shape
+        torch.testing.assert_close(rows.grad, WORLD * _split(reference_grad, (20, 0), rank))
+    try:
+        fierce_ext.histogram(full[:0], dictionary, sync=True)
+    except ValueError as error:
+        assert "global batch" in str(error), error
+    else:
+        raise AssertionError(f"rank {rank}: an empty global batch was accepted")
 
     # The collectives' autograd is eager only: torch.func transforms get a clear error.
     try:

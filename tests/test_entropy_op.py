@@ -116,3 +116,27 @@ def test_nan_features_give_nan_entropy_and_gradient(backend):
     assert value.isnan()
     (grad,) = torch.autograd.grad(value, features)
     assert grad.isnan().all()  # the histogram is NaN in every bin, so every row's G is NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_half_histogram_entropy_computes_in_float32(dtype, reduction):
+    # In float16, p + 1e-21 rounds to p, so an empty bin was 0 * log2(0) = NaN (value and
+    # gradient). Half histograms compute in float32: a float32 entropy, the float32 one's value,
+    # and a gradient in the histogram's own dtype.
+    histogram = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.0, 0.25, 0.5]], dtype=dtype)
+    leaf = histogram.clone().requires_grad_()
+    value = fierce_ext.histogram_entropy(leaf, reduction)
+    reference = histogram.float().requires_grad_()
+    expected = fierce_ext.histogram_entropy(reference, reduction)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    grad_entropy = torch.ones_like(value)
+    (grad,) = torch.autograd.grad(value, leaf, grad_entropy)
+    (expected_grad,) = torch.autograd.grad(expected, reference, grad_entropy)
+    assert grad.dtype == dtype and grad.isfinite().all()
+    torch.testing.assert_close(grad, expected_grad.to(dtype), rtol=0, atol=0)
+    # The formula ops.py composes the entropy op from agrees, in the histogram's dtype.
+    got = backends.entropy_bits_backward(grad_entropy, histogram, reduction)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, grad, rtol=0, atol=0)

@@ -223,6 +223,26 @@ def test_uniform_dictionary():
     assert bool((d >= -1).all()) and bool((d < 1).all())
 
 
+def test_uniform_dictionary_on_huge_ranges_does_not_overflow():
+    # high - low overflows for these ranges (the atoms were all Inf or NaN): every atom must be
+    # finite and in [low, high].
+    for low, high, dtype in [(-3e38, 3e38, torch.float32), (-1e300, 1e300, torch.float64),
+                             (-1.7e308, 1.79e308, torch.float64), (-6e4, 6e4, torch.float16)]:
+        atoms = fierce_ext.uniform_dictionary(3, 50, 2, low=low, high=high, seed=1, dtype=dtype)
+        assert atoms.dtype == dtype and bool(atoms.isfinite().all()), (low, high, dtype)
+        assert bool((atoms >= low).all()) and bool((atoms <= high).all())
+        assert bool((atoms < 0).any()) and bool((atoms > 0).any())
+    centres = fierce_ext.bin_dictionary(5, -1e308, 1e308, dtype=torch.float64)
+    assert centres.flatten().tolist() == [-1e308, -5e307, 0.0, 5e307, 1e308]
+    # The usual ranges keep their atoms: 2u - 1 and u of the seeded float32 draw, exactly.
+    u = torch.rand(2, 4, 6, generator=torch.Generator().manual_seed(5))
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(fierce_ext.uniform_dictionary(4, 6, 2, seed=5, dtype=dtype),
+                           (2 * u - 1).to(dtype))
+        assert torch.equal(fierce_ext.uniform_dictionary(4, 6, 2, 0.0, 1.0, seed=5, dtype=dtype),
+                           u.to(dtype))
+
+
 def test_bin_dictionary():
     centres = fierce_ext.bin_dictionary(100, 1, 100)
     assert centres.shape == (1, 1, 100)

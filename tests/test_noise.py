@@ -77,6 +77,26 @@ def test_counter_crosses_32_bits():
     assert not torch.equal(high[2:], low[:2])
 
 
+def test_counter_limit_is_2_to_the_63():
+    # The last rows whose counters stay below 2^63 draw the rule's words in every form (numpy,
+    # the torch form of other devices, the compiled op); one row more is refused, not wrapped.
+    seed, heads, bins = 11, 3, 10  # 3 counters per (row, head): 9 per row
+    rows = 4
+    offset = 2**63 // 9 - rows
+    assert (offset + rows) * heads * 3 - 1 < 2**63 <= (offset + rows + 1) * heads * 3 - 1
+    expected = numpy_random_words(seed, rows, heads, bins, offset).astype(np.int64)
+    np.testing.assert_array_equal(noise.random_words(seed, rows, heads, bins, offset).numpy(),
+                                  expected)
+    words = noise._words_torch(offset * heads * 3, rows * heads * 3, (seed, 0), "cpu")
+    np.testing.assert_array_equal(words.view(rows, heads, 12)[:, :, :bins].numpy(), expected)
+    np.testing.assert_array_equal(
+        noise.uniform_noise(seed, rows, heads, bins, offset, dtype=torch.float64).numpy(),
+        numpy_uniform(expected))
+    for call in (noise.random_words, noise.uniform_noise, noise.gumbel_noise):
+        with pytest.raises(ValueError, match="row_offset"):
+            call(seed, rows, heads, bins, offset + 1)
+
+
 def test_seed_high_word_matters():
     # The key is (seed lo32, seed hi32): seeds equal in their low 32 bits must differ.
     a = noise.random_words(5, 3, 2, 8)

@@ -81,8 +81,13 @@ ENTROPY_EPS = 1e-21
 
 def entropy_bits(histogram: torch.Tensor, reduction: str) -> torch.Tensor:
     """H[h] = -sum_k p[h,k] log2(p[h,k] + eps) for each row of a (C, K) histogram, averaged over
-    the rows for reduction "mean" (a 0-d tensor), kept per row for "none". Differentiable."""
-    per_head = -(histogram * torch.log2(histogram + ENTROPY_EPS)).sum(dim=1)
+    the rows for reduction "mean" (a 0-d tensor), kept per row for "none". Differentiable.
+
+    Computed in `compute_dtype(histogram.dtype)`: a float16/bfloat16 histogram gives a float32
+    entropy (in float16 `p + eps` rounds to p, so an empty bin would be 0 * log2(0) = NaN), and
+    autograd gives the histogram a gradient in its own dtype."""
+    p = histogram.to(compute_dtype(histogram.dtype))  # no copy for float32 and float64
+    per_head = -(p * torch.log2(p + ENTROPY_EPS)).sum(dim=1)
     return per_head.mean() if reduction == "mean" else per_head
 
 
@@ -90,12 +95,16 @@ def entropy_bits_backward(grad_entropy: torch.Tensor, histogram: torch.Tensor,
                           reduction: str) -> torch.Tensor:
     """dL/dp (C, K) from dL/dH (a 0-d tensor for "mean", (C,) for "none"):
 
-        dH[h]/dp[h,k] = -(log2(p + eps) + p / ((p + eps) ln 2)),  times 1/C for "mean"."""
+        dH[h]/dp[h,k] = -(log2(p + eps) + p / ((p + eps) ln 2)),  times 1/C for "mean".
+
+    Computed like `entropy_bits` (float32 for a float16/bfloat16 histogram) and returned in the
+    histogram's dtype, as autograd differentiates `entropy_bits`."""
     heads = histogram.shape[0]
     weight = (grad_entropy / heads).expand(heads) if reduction == "mean" else grad_entropy
-    shifted = histogram + ENTROPY_EPS
-    slope = torch.log2(shifted).add_(histogram / shifted, alpha=1 / math.log(2))
-    return slope.mul_(weight.to(slope.dtype).neg()[:, None])
+    p = histogram.to(compute_dtype(histogram.dtype))
+    shifted = p + ENTROPY_EPS
+    slope = torch.log2(shifted).add_(p / shifted, alpha=1 / math.log(2))
+    return slope.mul_(weight.to(slope.dtype).neg()[:, None]).to(histogram.dtype)
 
 
 class BackendStatus(NamedTuple):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dictionary import NORM_EPS
+from ..dictionary import NORM_EPS, vector_norm
 from ..noise import gumbel_noise
 from . import compute_dtype
 
@@ -26,8 +26,10 @@ def _similarity(r, w, similarity):
     if similarity == "dot":
         return torch.einsum("bd,hdk->bhk", r, w)
     if similarity == "cosine":
-        r_norm = r.norm(dim=1).clamp_min(NORM_EPS)
-        w_norm = w.norm(dim=1).clamp_min(NORM_EPS)
+        # Norms without overflow (a float32 row above ~1.8e19 would square to Inf; where
+        # |r| |w| overflows, so does r . w).
+        r_norm = vector_norm(r, 1).squeeze(1).clamp_min(NORM_EPS)
+        w_norm = vector_norm(w, 1).squeeze(1).clamp_min(NORM_EPS)
         return torch.einsum("bd,hdk->bhk", r, w) / (r_norm[:, None, None] * w_norm[None])
     if similarity == "distance":  # -|r - w|^2 expanded, so no (B, C, D, K) tensor is formed
         r_sq = (r * r).sum(dim=1)[:, None, None]
@@ -41,10 +43,11 @@ def _similarity_vjp(ds, r, w, s, similarity):
     if similarity == "dot":
         return torch.einsum("bhk,hdk->bd", ds, w)
     if similarity == "cosine":  # d cos / dr = w / (|r| |w|) - cos * r / |r|^2
-        r_norm = r.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-        w_unit = w / w.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+        r_norm = vector_norm(r, 1).clamp_min(NORM_EPS)
+        w_unit = w / vector_norm(w, 1).clamp_min(NORM_EPS)
+        # (r / |r|) / |r|, not r / |r|^2: |r|^2 overflows float32 above ~1.8e19.
         return (torch.einsum("bhk,hdk->bd", ds, w_unit) / r_norm
-                - (ds * s).sum(dim=(1, 2))[:, None] * r / r_norm**2)
+                - (ds * s).sum(dim=(1, 2))[:, None] * (r / r_norm) / r_norm)
     if similarity == "distance":  # d(-|r - w|^2) / dr = -2 (r - w)
         return -2 * (ds.sum(dim=(1, 2))[:, None] * r - torch.einsum("bhk,hdk->bd", ds, w))
     raise ValueError(f"unknown similarity {similarity!r}")
