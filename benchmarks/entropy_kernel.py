@@ -32,7 +32,10 @@ How it is measured:
   elsewhere the column stays empty.
 
 Outputs: a printed markdown table and, under benchmarks/results/ (a temporary folder for
---quick unless --out is given), <device>-<date>.json / .md / .png.
+--quick unless --out is given), <device>-<date>.json / .md / .png. The .json and .md are
+rewritten after every (shape, dtype) case, and on CUDA after every backend, so a run killed
+midway (the device check's timeout) leaves everything measured until then; meta.complete says
+whether the run finished. The .png comes at the end.
 """
 
 from __future__ import annotations
@@ -418,19 +421,32 @@ def _failed(row, error, shape_name, dtype_name, backend):
     _say(f"FAILED {shape_name} {dtype_name} {backend}: {row['skipped']}")
 
 
-def measure_shape(shape_name, dtype_name, backends, device, args, bar):
+def measure_shape(shape_name, dtype_name, backends, device, args, bar, all_rows=None,
+                  save=None):
     """The rows of one (shape, dtype): every backend timed (on the CPU taking turns, see
-    time_cpu_cases), its memory, and its rate against the shape's GEMM floor."""
+    time_cpu_cases), its memory, and its rate against the shape's GEMM floor. Each row is also
+    appended to `all_rows` as soon as it exists, and `save()` is called after each backend on
+    CUDA (on the CPU the backends take turns, so a shape's rows are complete only at its end)."""
     shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
     batch, dim, heads, bins = shape
     floor = gemm_ms(shape, dtype, device, args.quick)
     _release(device)
+    flops = 3 * 2 * batch * dim * heads * bins
+
+    def rate(row):
+        if "fwdbwd_ms" in row:
+            row.update(gemm_ms=floor, floor_ms=3 * floor,
+                       tflops=flops / (row["fwdbwd_ms"] * 1e-3) / 1e12,
+                       x_floor=row["fwdbwd_ms"] / (3 * floor))
+
     rows, cpu_cases = [], []
     for backend in backends:
         bar.set_postfix_str(f"{shape_name} {dtype_name} {backend}")
         row = dict(shape=shape_name, B=batch, D=dim, C=heads, K=bins, dtype=dtype_name,
                    backend=backend)
         rows.append(row)
+        if all_rows is not None:
+            all_rows.append(row)
         skip = skip_reason(backend, shape, dtype, args.similarity, device)
         if skip:
             row["skipped"] = skip
@@ -450,6 +466,7 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar):
                     if why:
                         measured["graph_note"] = why
                 row.update(measured)
+                rate(row)
             else:
                 cpu_cases.append((row, fn, features))
         except Exception as error:
@@ -457,6 +474,8 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar):
         del features, dictionary, fn  # the CPU cases keep theirs until they are timed
         _release(device)
         bar.update()
+        if save is not None and device.type == "cuda":
+            save()
 
     if cpu_cases:
         timed = time_cpu_cases([(fn, features) for _, fn, features in cpu_cases], args.quick)
@@ -476,12 +495,8 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar):
                 if why:
                     row["memory_note"] = why
 
-    flops = 3 * 2 * batch * dim * heads * bins
     for row in rows:
-        if "fwdbwd_ms" in row:
-            row.update(gemm_ms=floor, floor_ms=3 * floor,
-                       tflops=flops / (row["fwdbwd_ms"] * 1e-3) / 1e12,
-                       x_floor=row["fwdbwd_ms"] / (3 * floor))
+        rate(row)
     return rows
 
 
@@ -510,20 +525,11 @@ def run(args):
         print(f"not measured: {name}: {why}")
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    rows = []
-    bar = _progress_bar(len(shape_names) * len(dtype_names) * len(backends))
-    for shape_name in shape_names:
-        for dtype_name in dtype_names:
-            rows += measure_shape(shape_name, dtype_name, backends, device, args, bar)
-    bar.close()
-
-    paper = {(r["shape"], r["dtype"]): r.get("fwdbwd_ms") for r in rows
-             if r["backend"] == "paper"}
-    for row in rows:
-        base = paper.get((row["shape"], row["dtype"]))
-        if base and row.get("fwdbwd_ms"):
-            row["speedup_vs_paper"] = base / row["fwdbwd_ms"]
-
+    out_dir = Path(args.out) if args.out else (
+        Path(tempfile.mkdtemp(prefix="fierce-bench-")) if args.quick else HERE / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "-".join([device_tag(device), _dt.date.today().isoformat()]
+                    + (["quick"] if args.quick else []) + ([args.tag] if args.tag else []))
     meta = dict(
         date=_dt.datetime.now().isoformat(timespec="seconds"), device=str(device),
         device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -531,8 +537,10 @@ def run(args):
         torch=torch.__version__, fierce_ext=fierce_ext.__version__, python=platform.python_version(),
         threads=args.threads, similarity=args.similarity, estimator=args.estimator,
         tf32=(device.type == "cuda" and not args.no_tf32), quick=args.quick,
-        load_average_start=load_start,
-        load_average_end=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        # How fierce_ext's GPU backends multiply float32 features for this similarity (the
+        # paper's code follows `tf32` above).
+        fp32_precision=fierce_ext.backends.fp32_precision(args.similarity),
+        load_average_start=load_start, load_average_end=None,
         not_measured=notes,
         timing=("triton.testing.do_bench median" if device.type == "cuda"
                 else f"median of time.perf_counter repeats, the backends of a shape taking "
@@ -543,17 +551,36 @@ def run(args):
                 "shape, glibc mmap threshold 64 KiB"),
         floor="3 x one measured (B,D)x(D,C*K) GEMM"
               + (" (tf32 for fp32, bf16 for bf16)" if device.type == "cuda" else " (fp32)"),
+        # complete: False while running (and in what a killed run leaves): the files are
+        # rewritten after every case, so a timeout keeps everything measured until then.
+        complete=False, cases_total=len(shape_names) * len(dtype_names), cases_done=0,
     )
-    table = markdown_table(rows)
+    rows = []
+
+    def save(complete=False):
+        add_speedups(rows)
+        meta["complete"] = complete
+        meta["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        try:
+            write_results(out_dir, stem, meta, rows)
+        except Exception as error:  # an interim copy must never stop the measuring
+            if complete:
+                raise
+            _say(f"warning: could not write the interim results: {type(error).__name__}: {error}")
+
+    save()
+    print(f"writing {out_dir / stem}.json / .md, rewritten after every case")
+    bar = _progress_bar(len(shape_names) * len(dtype_names) * len(backends))
+    for shape_name in shape_names if backends else []:  # (no backend: not even the GEMMs)
+        for dtype_name in dtype_names:
+            measure_shape(shape_name, dtype_name, backends, device, args, bar, rows, save)
+            meta["cases_done"] += 1
+            save()
+    bar.close()
+    save(complete=True)
+
     print()
-    print(table)
-    out_dir = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="fierce-bench-")) if args.quick else HERE / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "-".join([device_tag(device), _dt.date.today().isoformat()]
-                    + (["quick"] if args.quick else []) + ([args.tag] if args.tag else []))
-    (out_dir / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(header_text(meta) + "\n" + table + "\n")
+    print(markdown_table(rows))
     written = ".json / .md"
     if not rows:
         print("\nnothing was measured (see the notes above)")
@@ -570,6 +597,30 @@ def run(args):
     return rows
 
 
+def add_speedups(rows):
+    paper = {(r["shape"], r["dtype"]): r.get("fwdbwd_ms") for r in rows
+             if r["backend"] == "paper"}
+    for row in rows:
+        base = paper.get((row["shape"], row["dtype"]))
+        if base and row.get("fwdbwd_ms"):
+            row["speedup_vs_paper"] = base / row["fwdbwd_ms"]
+
+
+def _write_atomically(path, text):
+    # A kill while writing must leave the previous complete file, never a truncated one.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(out_dir, stem, meta, rows):
+    """<stem>.json (meta and every row) and <stem>.md (header and table)."""
+    _write_atomically(out_dir / f"{stem}.json", json.dumps(dict(meta=meta, rows=rows), indent=2)
+                      + "\n")
+    _write_atomically(out_dir / f"{stem}.md", header_text(meta) + "\n" + markdown_table(rows)
+                      + "\n")
+
+
 def header_text(meta):
     lines = [f"# FIERCE entropy benchmark: {meta['device_name']} ({meta['date']})", "",
              f"torch {meta['torch']}, fierce_ext {meta['fierce_ext']}, {meta['threads']} threads, "
@@ -583,6 +634,10 @@ def header_text(meta):
                      f"{', '.join(f'{x:.1f}' for x in meta['load_average_end'])}")
     for name, why in meta["not_measured"].items():
         lines.append(f"- not measured: {name}: {why}")
+    if not meta.get("complete", True):
+        lines.append(f"- INCOMPLETE: {meta['cases_done']} of {meta['cases_total']} "
+                     f"(shape, dtype) cases finished when this was written (the run was still "
+                     f"going, or was cut short)")
     return "\n".join(lines) + "\n"
 
 
@@ -602,14 +657,16 @@ def markdown_table(rows):
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         dims = f"{r['B']} x {r['D']} x {r['C']} x {r['K']}"
-        if r.get("skipped"):
+        if r.get("skipped") or "fwdbwd_ms" not in r:
+            why = f"skipped: {r['skipped']}" if r.get("skipped") else "not measured (yet)"
             lines.append(f"| {r['shape']} | {dims} | {r['dtype']} | {r['backend']} | "
-                         f"skipped: {r['skipped']} | | | | | | | |")
+                         f"{why} | | | | | | | |")
             continue
         lines.append(
-            f"| {r['shape']} | {dims} | {r['dtype']} | {r['backend']} | {_fmt(r['fwd_ms'])} | "
-            f"{_fmt(r['bwd_ms'])} | {_fmt(r['fwdbwd_ms'])} | {_fmt(r.get('extra_mib'))} | "
-            f"{_fmt(r['tflops'])} | {_fmt(r['x_floor'])} | {_fmt(r.get('speedup_vs_paper'))} | "
+            f"| {r['shape']} | {dims} | {r['dtype']} | {r['backend']} | {_fmt(r.get('fwd_ms'))} | "
+            f"{_fmt(r.get('bwd_ms'))} | {_fmt(r['fwdbwd_ms'])} | {_fmt(r.get('extra_mib'))} | "
+            f"{_fmt(r.get('tflops'))} | {_fmt(r.get('x_floor'))} | "
+            f"{_fmt(r.get('speedup_vs_paper'))} | "
             f"{'not capturable' if r.get('graph_note') else _fmt(r.get('graph_fwdbwd_ms'))} |")
     return "\n".join(lines)
 

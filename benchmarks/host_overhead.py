@@ -18,11 +18,16 @@ import argparse
 import sys
 import time
 import types
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # fierce_ext from the source tree, as entropy_kernel.py does
+    sys.path.insert(0, str(ROOT))
 
-import fierce_ext
-from fierce_ext import backends
+import torch  # noqa: E402
+
+import fierce_ext  # noqa: E402
+from fierce_ext import backends  # noqa: E402
 
 
 def noop_backend(rows, dim, heads, bins, device, dtype):
