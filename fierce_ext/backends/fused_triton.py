@@ -415,7 +415,7 @@ def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
                  mask=mask)
     # y / n: the stored lse is rounded to ulp(lse), which scales y by up to 1 +- ulp(lse)/2;
     # with sum_k y != 1, sum_k delta is not the 0 the gradient formula needs (chunked.py).
-    inv_n = tl.where(row_mask, 1.0 / n, 0.0)
+    inv_n = 1.0 / tl.where(row_mask, n, 1.0)  # (padded rows: y = 0 anyway)
     e = e * inv_n
     if HAS_SCALE:
         # G is centred per head (_bins_grad), which keeps this difference well conditioned.
