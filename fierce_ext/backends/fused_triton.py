@@ -372,8 +372,10 @@ def _softmax_kernel(r_ptr, stride_rb, stride_rd, vt_ptr, ld_v, bias_ptr, lse_ptr
                     FROM_ENTROPY: tl.constexpr, SCRATCH: tl.constexpr, ROUND_SCRATCH: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """For rows [row_start, row_stop) and head h, into the chunk's scratch: y (G - e) with
-    y = exp(z - lse) / sum_k exp(z - lse) and e = sum_k y G; for cosine also t = sum_k y (G - e) s and a_b. G comes
-    from grad_ptr, or with FROM_ENTROPY from the histogram and dL/dH (see _bins_grad)."""
+    y = exp(z - lse) / sum_k exp(z - lse) and e = sum_k y G; for cosine also
+    t = sum_k y (G - e) s and a_b. G comes from grad_ptr, or with FROM_ENTROPY from the histogram
+    and dL/dH (see _bins_grad). The scratch is SCRATCH (float32 for float16 features), rounded to
+    TF32 with ROUND_SCRATCH."""
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
     rows = row_start + pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
