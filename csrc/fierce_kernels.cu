@@ -189,6 +189,15 @@ template <typename V> __device__ __forceinline__ V group_sum(V value) {
   return value;
 }
 
+template <typename V> __device__ __forceinline__ V group_max(V value) {
+#pragma unroll
+  for (int offset = TPR / 2; offset > 0; offset >>= 1) {
+    const V other = __shfl_xor_sync(0xffffffffu, value, offset);
+    value = other > value ? other : value;
+  }
+  return value;
+}
+
 __device__ __forceinline__ int group_or(int value) {
 #pragma unroll
   for (int offset = TPR / 2; offset > 0; offset >>= 1) {
@@ -211,6 +220,9 @@ template <typename V> __device__ __forceinline__ void group_argmax(V& value, int
 }
 
 // a_b = 1 / max(|r_b|, 1e-12) (dictionary.row_scale); a NaN norm stays NaN, as clamp_min keeps it.
+// A norm past Acc's range (|r_b| > ~1.8e19 in float32) is taken from r_b / max|r_b|, as
+// dictionary.vector_norm does (an Inf entry gives NaN there, as in torch). Every thread of the
+// block calls this; the rare case is a block-wide branch, so its shuffles see whole warps.
 template <typename In, typename Acc>
 __device__ Acc row_scale(const In* __restrict__ features, int64_t b, bool row_ok, int dim, int sub) {
   Acc squares = Acc(0);
@@ -221,7 +233,28 @@ __device__ Acc row_scale(const In* __restrict__ features, int64_t b, bool row_ok
     }
   }
   squares = group_sum(squares);
-  const Acc norm = sqrt_(squares);
+  Acc norm = sqrt_(squares);
+  const bool overflow = norm == infinity<Acc>();
+  if (__syncthreads_or(overflow)) {
+    Acc peak = Acc(0);
+    if (overflow) {
+      for (int d = sub; d < dim; d += TPR) {
+        const Acc x = Cvt<In>::to(features[b * dim + d]);
+        const Acc magnitude = x < Acc(0) ? -x : x;
+        peak = magnitude > peak ? magnitude : peak;
+      }
+    }
+    peak = group_max(peak);
+    Acc scaled = Acc(0);
+    if (overflow) {
+      for (int d = sub; d < dim; d += TPR) {
+        const Acc x = Cvt<In>::to(features[b * dim + d]) / peak;
+        scaled += x * x;
+      }
+    }
+    scaled = group_sum(scaled);
+    if (overflow) norm = sqrt_(scaled) * peak;
+  }
   const Acc eps = Acc(1e-12);
   return Acc(1) / (norm < eps ? eps : norm);
 }
@@ -943,13 +976,15 @@ __global__ void __launch_bounds__(kThreads) gradient_kernel(BackwardParams p) {
   delta_dot_s = group_sum(delta_dot_s);
   __syncthreads();  // the accumulator rows were written by other threads of this block
   if (row_ok) {
-    const Acc correction = scale * scale * delta_dot_s;
+    // a_b (sum delta v - a_b (sum delta s) r_b): never a_b^2, which underflows float32 for
+    // |r_b| past ~1e19
+    const Acc correction = scale * delta_dot_s;
     In* out = static_cast<In*>(p.grad_features) + b * D;
     const Acc* row = accumulator + b * padded;
     const In* r = features + b * D;
     for (int d = sub; d < D; d += TPR) {
       Acc value = row[d];
-      if (p.cosine) value = scale * value - correction * Cvt<In>::to(r[d]);
+      if (p.cosine) value = scale * (value - correction * Cvt<In>::to(r[d]));
       out[d] = Cvt<In>::from(value);
     }
   }

@@ -10,6 +10,7 @@
   error models the fast backends' tests (CPU, emulated and GPU) state their tolerances with.
 * `large_logit_problem`, `check_large_logits`: the age experiment's float32 term, whose
   large logits test how a backward recovers the softmax from the saved log-sum-exp.
+* `huge_row_problem`, `check_huge_rows`: float32 cosine rows whose norm overflows when squared.
 """
 
 from __future__ import annotations
@@ -193,6 +194,41 @@ def check_large_logits(histogram, grad, features, dictionary, grad_histogram, es
         assert excess.max().item() <= 1e-7, excess.max().item()
     error = ((grad.double().cpu() - ref.grad).abs().max() / ref.grad.abs().max()).item()
     assert error <= bound, (error, bound)
+
+
+# Row magnitudes of huge_row_problem: |r|^2 fits float32, overflows it (~1.8e19 is the limit),
+# and a^2 = 1/|r|^2 is subnormal (1e20) or 0 (1e25, 1e30) in float32.
+HUGE_ROW_MAGNITUDES = (1.0, 1e20, 1e25, 1e30)
+
+
+def huge_row_problem(rows: int = 12, dim: int = 5, bins: int = 7, heads: int = 2):
+    """float64 (features, dictionary, magnitudes): rows of ~unit norm and, per row, one of
+    HUGE_ROW_MAGNITUDES to scale it by in float32."""
+    gen = torch.Generator().manual_seed(11)
+    features = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+    dictionary = fierce_ext.uniform_dictionary(dim, bins, heads, dtype=torch.float64)
+    magnitudes = torch.tensor(HUGE_ROW_MAGNITUDES, dtype=torch.float64).repeat(rows)[:rows]
+    return features, dictionary, magnitudes[:, None]
+
+
+def check_huge_rows(run, estimator: str = "softmax", seed: int = 5):
+    """run(features32, dictionary32, grad_histogram32) -> (histogram, grad_features) of a backend
+    in float32, on the rows of huge_row_problem scaled by their magnitudes. Cosine is scale
+    invariant: the histogram must be the float64 oracle's of the unscaled rows, and each row's
+    gradient that row's oracle gradient / its magnitude. (Float32 kernels that squared |r| had
+    uniform histograms past |r| ~ 1.8e19; a backward that formed a^2 lost the cosine correction
+    past ~1e23.)"""
+    features, dictionary, magnitudes = huge_row_problem()
+    grad_histogram = torch.randn(dictionary.shape[0], dictionary.shape[2], dtype=torch.float64,
+                                 generator=torch.Generator().manual_seed(12))
+    ref = oracle(features, dictionary, similarity="cosine", estimator=estimator, tau=1.0,
+                 seed=seed, grad_histogram=grad_histogram)
+    histogram, grad = run((features * magnitudes).float(), dictionary.float(),
+                          grad_histogram.float())
+    torch.testing.assert_close(histogram.double().cpu(), ref.histogram, rtol=1e-5, atol=1e-6)
+    unscaled = grad.double().cpu() * magnitudes
+    error = ((unscaled - ref.grad).abs().max() / ref.grad.abs().max()).item()
+    assert error <= 1e-4, error
 
 
 def backend_pass(backend, features, dictionary, grad, similarity, estimator, tau, seed,

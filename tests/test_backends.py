@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 import fierce_ext
 from fierce_ext.backends import triton_noise
-from oracle import (CPU_BACKENDS, ESTIMATORS, SIMILARITIES, check_large_logits,
+from oracle import (CPU_BACKENDS, ESTIMATORS, SIMILARITIES, check_huge_rows, check_large_logits,
                     large_logit_problem, oracle, top2_margin)
 
 def make_features(gen, rows, dim, dtype, layout, scale):
@@ -263,6 +263,18 @@ def test_torch_backend_far_bins_of_the_age_experiment(estimator, monkeypatch):
         assert (want_hist < math.exp(-64)).any()
     torch.testing.assert_close(hist, want_hist, rtol=1e-15, atol=math.exp(-64))
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-24)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("estimator", ["softmax", "gumbel_soft"])
+def test_float32_cosine_of_huge_rows(backend, estimator):
+    def run(features, dictionary, grad_histogram):
+        x = features.clone().requires_grad_(True)
+        hist = fierce_ext.histogram(x, dictionary, estimator=estimator, seed=5, backend=backend)
+        (hist * grad_histogram).sum().backward()
+        return hist.detach(), x.grad
+
+    check_huge_rows(run, estimator)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

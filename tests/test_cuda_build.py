@@ -42,7 +42,7 @@ from fierce_ext.backends import cuda as cuda_backend
 from fierce_ext.noise import random_words
 
 import cuda_emulator
-from oracle import check_large_logits, large_logit_problem, near_tie_count
+from oracle import check_huge_rows, check_large_logits, large_logit_problem, near_tie_count
 
 REQUIRE_ENV = "FIERCE_EXT_REQUIRE_EXTENSION"
 SIMILARITIES = ("dot", "cosine", "distance")
@@ -403,6 +403,19 @@ def test_emulated_float32_with_large_logits(emu, estimator, bins):
     grad = emulated_backward(emu, "float32", grad_histogram, features, dictionary, lse,
                              "distance", estimator, 1.0, 3, 0)
     check_large_logits(histogram, grad, features, dictionary, grad_histogram, estimator, seed=3)
+
+
+@pytest.mark.parametrize("estimator", ["softmax", "gumbel_soft"])
+def test_emulated_float32_cosine_of_huge_rows(emu, estimator):
+    # |r|^2 past float32's range in row_scale, a^2 below it in gradient_kernel's epilogue.
+    def run(features, dictionary, grad_histogram):
+        histogram, lse = emulated_forward(emu, "float32", features, dictionary, "cosine",
+                                          estimator, 1.0, 5, 0)
+        grad = emulated_backward(emu, "float32", grad_histogram, features, dictionary, lse,
+                                 "cosine", estimator, 1.0, 5, 0)
+        return histogram, grad
+
+    check_huge_rows(run, estimator)
 
 
 @pytest.mark.parametrize("bins", [100, 200], ids=["one-bin-tile", "two-bin-tiles"])

@@ -65,7 +65,7 @@ from fierce_ext.backends import fused_triton as ft  # noqa: E402
 from fierce_ext.dictionary import bin_dictionary, project_dictionary  # noqa: E402
 from fierce_ext.noise import SEED_LIMIT, random_words  # noqa: E402
 from oracle import (ESTIMATORS, SIMILARITIES, backend_pass,  # noqa: E402
-                    check_large_logits, gradient_magnitude, large_logit_problem,
+                    check_huge_rows, check_large_logits, gradient_magnitude, large_logit_problem,
                     numpy_random_words, projected_logits64, top2_margin)
 
 if ft.unavailable_reason(torch.device("cpu")) is None:
@@ -320,6 +320,22 @@ def test_age_case_one_dimensional_features(dtype):
     for estimator in ("gumbel_hard", "softmax"):
         check_against_reference(features.to(DEVICE), dictionary.to(DEVICE), grad.to(DEVICE),
                                 "distance", estimator, tau=1.0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # |r|^2, as meant
+@pytest.mark.parametrize("estimator", ["softmax", "gumbel_soft"])
+def test_float32_cosine_of_huge_rows(estimator, monkeypatch):
+    # |r|^2 past float32's range in _row_scale, a^2 below it in _grad_kernel's epilogue.
+    monkeypatch.setattr(ft, "FP32_PRECISION", "ieee")
+
+    def run(features, dictionary, grad_histogram):
+        x = features.to(DEVICE, copy=True).requires_grad_(True)
+        hist = fierce_ext.histogram(x, dictionary.to(DEVICE), estimator=estimator, seed=5,
+                                    backend="triton")
+        (hist * grad_histogram.to(DEVICE)).sum().backward()
+        return hist.detach(), x.grad
+
+    check_huge_rows(run, estimator)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)

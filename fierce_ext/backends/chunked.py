@@ -210,9 +210,10 @@ def histogram_backward(grad_histogram, features, dictionary, lse, similarity, es
         out = grad_features[start:stop] if write_in_place else None
         if scale is None:
             dr = torch.mm(delta_rows, proj.matrix.T, out=out)
-        else:  # cosine: a_b (delta . v) - a_b^2 (sum_hk delta s) r_b, a_b applied to delta
-            correction = (scale * scale) * (delta * s).sum(dim=(1, 2))[:, None]
-            dr = torch.addmm(r * -correction, delta_rows * scale, proj.matrix.T, out=out)
+        else:  # cosine: a_b [(delta . v) - a_b (sum_hk delta s) r_b]; never a_b^2, which
+            # underflows float32 for |r_b| past ~1e19 (and is 0 past ~1e23)
+            correction = scale * (delta * s).sum(dim=(1, 2))[:, None]
+            dr = torch.addmm(r * -correction, delta_rows, proj.matrix.T, out=out).mul_(scale)
         if not write_in_place:
             grad_features[start:stop] = dr
     return grad_features

@@ -98,6 +98,7 @@ INTERPRETER_MAX_BLOCK = {"rows": 128, "bins": 256, "dim": 256}
 _MASK32 = 0xFFFFFFFF
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _NEG_INF = tl.constexpr(float("-inf"))
+_INF = tl.constexpr(float("inf"))
 _NO_BIN = tl.constexpr(2**30)  # larger than any bin index
 _NORM_EPS = tl.constexpr(NORM_EPS)
 _ENTROPY_EPS = tl.constexpr(ENTROPY_EPS)
@@ -109,14 +110,34 @@ _INV_LN2 = tl.constexpr(1 / math.log(2))
 @_jit()
 def _row_scale(r_ptr, stride_rb, stride_rd, rows, row_mask, D, ACC: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """a_b = 1 / max(|r_b|, NORM_EPS), accumulated in the compute dtype."""
+    """a_b = 1 / max(|r_b|, NORM_EPS), accumulated in the compute dtype. A norm past its range
+    (|r_b| > ~1.8e19 in float32) is taken from r_b / max|r_b|, as dictionary.vector_norm does
+    (an Inf entry gives NaN there, as in torch); the rare case costs two more passes."""
     sumsq = tl.zeros((BLOCK_B,), ACC)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         r = tl.load(r_ptr + rows[:, None] * stride_rb + ds[None, :] * stride_rd,
                     mask=row_mask[:, None] & (ds < D)[None, :], other=0.0).to(ACC)
         sumsq += tl.sum(r * r, axis=1)
-    return 1.0 / tl.maximum(tl.sqrt(sumsq), tl.full((BLOCK_B,), _NORM_EPS, ACC))
+    norm = tl.sqrt(sumsq)
+    overflow = norm == _INF
+    if tl.max(overflow.to(tl.int32), axis=0) > 0:
+        peak = tl.zeros((BLOCK_B,), ACC)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            r = tl.load(r_ptr + rows[:, None] * stride_rb + ds[None, :] * stride_rd,
+                        mask=row_mask[:, None] & (ds < D)[None, :], other=0.0).to(ACC)
+            peak = tl.maximum(peak, tl.max(tl.abs(r), axis=1))
+        peak = tl.where(overflow, peak, 1.0)  # no 0 / 0 in the rows that keep their norm
+        sumsq = tl.zeros((BLOCK_B,), ACC)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            r = tl.load(r_ptr + rows[:, None] * stride_rb + ds[None, :] * stride_rd,
+                        mask=row_mask[:, None] & (ds < D)[None, :], other=0.0).to(ACC)
+            r = r / peak[:, None]
+            sumsq += tl.sum(r * r, axis=1)
+        norm = tl.where(overflow, tl.sqrt(sumsq) * peak, norm)
+    return 1.0 / tl.maximum(norm, tl.full((BLOCK_B,), _NORM_EPS, ACC))
 
 
 @_jit()
@@ -445,7 +466,9 @@ def _grad_kernel(delta_ptr, ld_delta, vt_ptr, ld_v, t_ptr, scale_ptr, r_ptr, str
                  HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """A GEMM over the C * K bins with an epilogue: for the chunk's rows,
-    dr = (a / (B tau)) [y (G - e)] . vt  -  [cosine] (a^2 / (B tau)) (sum_h t) r."""
+    dr = (a / (B tau)) [y (G - e)] . vt  -  [cosine] (a^2 / (B tau)) (sum_h t) r, the cosine
+    form computed as (a / (B tau)) ([y (G - e)] . vt - a (sum_h t) r): a^2 underflows float32
+    for |r| past ~1e19."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = row_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -475,7 +498,7 @@ def _grad_kernel(delta_ptr, ld_delta, vt_ptr, ld_v, t_ptr, scale_ptr, r_ptr, str
             t += tl.load(t_ptr + rows * C + h, mask=row_mask, other=0.0)
         r = tl.load(r_ptr + rows[:, None] * stride_rb + cols[None, :] * stride_rd,
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(ACC)
-        dr = acc * (scale * inv)[:, None] - (scale * scale * t * inv)[:, None] * r
+        dr = (acc - (scale * t)[:, None] * r) * (scale * inv)[:, None]
     else:
         dr = acc * inv
     tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_od,
