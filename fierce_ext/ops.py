@@ -13,10 +13,13 @@ torch.compile traces through them without graph breaks and torch.library.opcheck
 them. The seed travels as a 0-d int64 CPU tensor so that drawing it inside a compiled region
 needs no `.item()` in the graph.
 
-The autograd.Functions call the custom ops while anything traces (torch.compile, torch.export,
-fake tensors, any TorchDispatchMode); in plain eager calls they call the backend directly,
-because a Python custom op costs ~0.2 ms of dispatch per direction, which on the CPU is as much
-as the whole computation at the paper's batch sizes. Both paths run the same functions below.
+While anything traces (torch.compile, torch.export, fake tensors, any TorchDispatchMode) the
+calls go to the custom ops and their registered autograd; in plain eager calls to the
+autograd.Functions `Histogram` / `Entropy`, which call the backend directly, because a Python
+custom op costs ~0.2 ms of dispatch per direction, which on the CPU is as much as the whole
+computation at the paper's batch sizes. Both paths run the same functions below. (Traced calls
+must not go through an autograd.Function: strict torch.export runs one with grad mode off, and
+its output, though right in value, had no gradient.)
 
 torch.func transforms (grad, vjp, jacrev, vmap, functional_call-based training) accept only
 autograd.Functions with a separate setup_context, which neither `Histogram`/`Entropy` (old style,
@@ -227,7 +230,8 @@ histogram_backward_op.register_autograd(_no_second_derivative,
 
 class Histogram(torch.autograd.Function):
     """(histogram (C, K), lse (B, C)) of features (B, D) against dictionary (C, D, K),
-    differentiable w.r.t. the features; the arguments are those of `histogram_op`.
+    differentiable w.r.t. the features; the arguments are those of `histogram_op`. For plain
+    eager calls: it runs the backend directly.
 
     The forward takes `ctx` (no separate setup_context): `apply` then skips binding the
     arguments with inspect.signature, ~0.1 ms per call."""
@@ -236,8 +240,7 @@ class Histogram(torch.autograd.Function):
     def forward(ctx, features, dictionary, seed, similarity, estimator, tau, row_offset,
                 backend):
         args = (features, dictionary, seed, similarity, estimator, tau, row_offset, backend)
-        output = (_histogram_forward(*args) if _plain_eager(features, dictionary)
-                  else histogram_op(*args))
+        output = _histogram_forward(*args)
         _histogram_setup_context(ctx, args, output)
         return output
 
@@ -247,11 +250,15 @@ class Histogram(torch.autograd.Function):
 def histogram(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
               estimator: str, tau: float, row_offset: int, backend: str
               ) -> tuple[Tensor, Tensor]:
-    """`Histogram.apply`, or `HistogramUnderTransforms.apply` under torch.func transforms
-    (arguments checked by the caller, see fierce_ext.functional)."""
-    function = HistogramUnderTransforms if _under_transforms() else Histogram
-    return function.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
-                          backend)
+    """`Histogram.apply` in plain eager calls, `HistogramUnderTransforms.apply` under torch.func
+    transforms, the custom op while anything traces (arguments checked by the caller, see
+    fierce_ext.functional)."""
+    args = (features, dictionary, seed, similarity, estimator, tau, row_offset, backend)
+    if _under_transforms():
+        return HistogramUnderTransforms.apply(*args)
+    if _plain_eager(features, dictionary):
+        return Histogram.apply(*args)
+    return histogram_op(*args)
 
 
 # --------------------------------------------------------------------- the histogram's entropy
@@ -315,15 +322,15 @@ entropy_backward_op.register_autograd(_no_second_derivative,
 class Entropy(torch.autograd.Function):
     """(entropy, histogram, lse) of features (B, D) against dictionary (C, D, K): the entropy
     in bits (0-d for reduction "mean", (C,) for "none"), differentiable w.r.t. the features;
-    the histogram (C, K) and lse (B, C) are not. Arguments are those of `entropy_op`."""
+    the histogram (C, K) and lse (B, C) are not. Arguments are those of `entropy_op`. For plain
+    eager calls: it runs the backend directly."""
 
     @staticmethod
     def forward(ctx, features, dictionary, seed, similarity, estimator, tau, row_offset,
                 backend, reduction):
         args = (features, dictionary, seed, similarity, estimator, tau, row_offset, backend,
                 reduction)
-        output = (_entropy_forward(*args) if _plain_eager(features, dictionary)
-                  else entropy_op(*args))
+        output = _entropy_forward(*args)
         _entropy_setup_context(ctx, args, output)
         return output
 
@@ -333,11 +340,16 @@ class Entropy(torch.autograd.Function):
 def entropy(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str, estimator: str,
             tau: float, row_offset: int, backend: str, reduction: str
             ) -> tuple[Tensor, Tensor, Tensor]:
-    """`Entropy.apply`, or `EntropyUnderTransforms.apply` under torch.func transforms
-    (arguments checked by the caller, see fierce_ext.functional)."""
-    function = EntropyUnderTransforms if _under_transforms() else Entropy
-    return function.apply(features, dictionary, seed, similarity, estimator, tau, row_offset,
-                          backend, reduction)
+    """`Entropy.apply` in plain eager calls, `EntropyUnderTransforms.apply` under torch.func
+    transforms, the custom op while anything traces (arguments checked by the caller, see
+    fierce_ext.functional)."""
+    args = (features, dictionary, seed, similarity, estimator, tau, row_offset, backend,
+            reduction)
+    if _under_transforms():
+        return EntropyUnderTransforms.apply(*args)
+    if _plain_eager(features, dictionary):
+        return Entropy.apply(*args)
+    return entropy_op(*args)
 
 
 # ----------------------------------------------------------------- under torch.func transforms

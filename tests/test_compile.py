@@ -224,6 +224,37 @@ def test_torch_export_captures_the_op(strict):
     assert value.shape == () and 0 < value.item() <= math.log2(10)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("function", ["entropy", "histogram"])
+def test_torch_export_keeps_the_gradient(strict, function):
+    # Strict export runs an autograd.Function with grad mode off: a traced call through one gave
+    # the right value but no gradient (the loss's entropy term silently dropped from training).
+    torch.manual_seed(7)
+    linear = torch.nn.Linear(6, 8)
+    dictionary = fierce_ext.uniform_dictionary(8, 10, 2)
+    weights = torch.randn(2, 10)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            features = self.linear(x)
+            if function == "entropy":
+                return fierce_ext.entropy(features, dictionary, seed=3)
+            return (fierce_ext.histogram(features, dictionary, seed=3) * weights).sum()
+
+    model, x = Model(), torch.randn(16, 6)
+    (expected,) = torch.autograd.grad(model(x), linear.weight)
+    exported = torch.export.export(model, (x,), strict=strict).module()
+    value = exported(x)
+    torch.testing.assert_close(value, model(x), rtol=0, atol=0)
+    assert value.requires_grad
+    (grad,) = torch.autograd.grad(value, exported.get_parameter("linear.weight"))
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-7)
+
+
 class _LinearEntropy(torch.nn.Module):
     def __init__(self):
         super().__init__()
