@@ -105,8 +105,8 @@ def _checked_options(features, similarity, estimator, tau, seed, backend, row_of
         raise ValueError(f"row_offset must be a non-negative int below 2**63, got {row_offset!r}")
     _check_backend(backend)
     group = _sync_group(sync, process_group)
-    return (tau, row_offset, _resolve_backend(backend, features.device), _seed_tensor(seed),
-            group)
+    return (tau, row_offset, _resolve_backend(backend, features.device),
+            _seed_tensor(seed, estimator), group)
 
 
 def histogram_entropy(histogram: Tensor, reduction: str = "mean") -> Tensor:
@@ -282,8 +282,10 @@ def _check_tau(tau) -> float:
     return tau
 
 
-def _seed_tensor(seed) -> Tensor:
+def _seed_tensor(seed, estimator: str) -> Tensor:
     if seed is None:
+        if estimator == "softmax":  # no noise: torch's generator is left as it was
+            return torch.tensor(0, dtype=torch.int64)
         return draw_seed()  # a tensor: no .item() in a compiled graph
     seed = as_int("seed", seed, "an int or None")
     if not 0 <= seed < SEED_LIMIT:

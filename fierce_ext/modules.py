@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from ._arguments import as_int, as_real
@@ -22,11 +23,16 @@ class FeatureEntropy(nn.Module):
     match it). Each forward draws new Gumbel noise from torch's default generator (pass `seed=`
     to fix it).
 
-    `sync=True` (or `process_group=`): under torch.distributed (e.g. with DDP) the entropy is that
-    of the histogram of the global batch across the group, with SyncBatchNorm-style gradients, so
-    a DDP step equals a single-process step on the concatenated batch; see
-    `fierce_ext.distributed`. Without an initialised process group it is single-process.
+    `sync=True` (or `process_group=`): in training mode, under torch.distributed (e.g. with DDP),
+    the entropy is that of the histogram of the global batch across the group, with
+    SyncBatchNorm-style gradients, so a DDP step equals a single-process step on the concatenated
+    batch; see `fierce_ext.distributed`. In eval mode (`.eval()`), as SyncBatchNorm, each process
+    computes its own batch's entropy: no collective, so evaluating on one rank cannot hang the
+    others. Without an initialised process group it is single-process.
     Mixed precision: bf16/fp16 features (torch.autocast) are fine; the result is float32.
+
+    `reset_parameters()` redraws the default dictionary (e.g. after building the module on the
+    meta device and `to_empty`); a module given its dictionary cannot redraw it and raises.
     """
 
     dictionary: Tensor
@@ -46,6 +52,7 @@ class FeatureEntropy(nn.Module):
         dim = as_int("dim", dim)
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
+        given = dictionary
         if dictionary is None:
             dictionary = uniform_dictionary(dim, DEFAULT_BINS if bins is None else bins,
                                             DEFAULT_HEADS if heads is None else heads, seed=0)
@@ -56,6 +63,20 @@ class FeatureEntropy(nn.Module):
             _check_dictionary_size(dictionary, bins, heads)
         self.register_buffer("dictionary", dictionary.detach().clone())
         self.similarity, self.estimator, self.backend = similarity, estimator, backend
+        self._default_dictionary = given is None
+
+    def reset_parameters(self) -> None:
+        """Redraws the default dictionary, `uniform_dictionary(dim, bins, heads, seed=0)` as the
+        constructor drew it, into the buffer (its device and dtype kept): the module's one
+        state, uninitialised after `to_empty`. A module built with a given dictionary raises: reload that one instead
+        (`load_state_dict`, or copy it into `.dictionary`)."""
+        if not self._default_dictionary:
+            raise RuntimeError("FeatureEntropy was given its dictionary, which reset_parameters "
+                               "cannot redraw; load it again (load_state_dict, or "
+                               "module.dictionary.copy_(...))")
+        heads, dim, bins = self.dictionary.shape
+        with torch.no_grad():
+            self.dictionary.copy_(uniform_dictionary(dim, bins, heads, seed=0, device="cpu"))
 
     @property
     def heads(self) -> int:
@@ -72,9 +93,11 @@ class FeatureEntropy(nn.Module):
 
     def forward(self, features: Tensor, seed: int | None = None,
                 reduction: str = "mean") -> Tensor:
+        synchronised = self.training and (self.sync or self.process_group is not None)
         return entropy(features, self.dictionary, similarity=self.similarity,
                        estimator=self.estimator, tau=self.tau, seed=seed, reduction=reduction,
-                       backend=self.backend, sync=self.sync, process_group=self.process_group)
+                       backend=self.backend, sync=synchronised,
+                       process_group=self.process_group if synchronised else None)
 
     def extra_repr(self) -> str:
         heads, dim, bins = self.dictionary.shape

@@ -232,6 +232,14 @@ def _ddp_worker(rank, per_rank, steps):
     _train(unsynced, fierce_ext.FIERCELoss(8, lam=2.0, bins=BINS),
            _split(x, sizes, rank), _split(target, sizes, rank), steps)
     assert not torch.allclose(unsynced.module.body.weight, reference.body.weight, atol=1e-5)
+    # In eval mode each rank computes its own batch's entropy, as SyncBatchNorm: rank 0
+    # evaluating alone must not wait in a collective for rank 1 (it hung until the timeout).
+    if rank == 0:
+        criterion.eval()
+        with torch.no_grad():
+            logits, features = model.module(x)
+            local = fierce_ext.FIERCELoss(8, lam=2.0, bins=BINS)(logits, target, features, seed=1)
+            assert torch.equal(criterion(logits, target, features, seed=1), local)
 
 
 def test_ddp_step_with_sync_equals_single_process_step():

@@ -66,6 +66,28 @@ def test_dictionaries_drawn_on_the_cpu_under_a_default_device():
         assert fierce_ext.FeatureEntropy(5, bins=7).dictionary.device.type == "meta"
 
 
+def test_reset_parameters_after_meta_init():
+    # Built on the meta device, materialised with to_empty (uninitialised memory), then each
+    # module's reset_parameters: the dictionary must be the default one again, in the buffer's
+    # dtype; a given dictionary cannot be redrawn, which says so.
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Linear(4, 16),
+                                  fierce_ext.FIERCELoss(16, bins=10, heads=2).feature_entropy)
+    net = net.to_empty(device="cpu")
+    for module in net.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert torch.equal(net[1].dictionary, fierce_ext.uniform_dictionary(16, 10, 2, seed=0))
+    module = fierce_ext.FeatureEntropy(3, bins=5).double()
+    module.dictionary.zero_()
+    module.reset_parameters()
+    assert torch.equal(module.dictionary,
+                       fierce_ext.uniform_dictionary(3, 5, 1, seed=0).double())
+    given = fierce_ext.FeatureEntropy(3, dictionary=torch.rand(1, 3, 5))
+    with pytest.raises(RuntimeError, match="given its dictionary"):
+        given.reset_parameters()
+
+
 def test_fierce_loss_state_dict_round_trip():
     loss = fierce_ext.FIERCELoss(6, lam=0.5, bins=12, heads=3)
     state = loss.state_dict()

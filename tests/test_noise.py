@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fierce_ext
 from fierce_ext import noise
 from oracle import numpy_gumbel, numpy_philox4x32_10, numpy_random_words, numpy_uniform
 
@@ -240,3 +241,14 @@ def test_draw_seed_follows_torch_manual_seed():
     assert a == b and a != c
     assert 0 <= a < noise.SEED_LIMIT
 
+
+
+@pytest.mark.parametrize("estimator", ["softmax", "gumbel_hard"])
+def test_seed_none_draws_only_where_there_is_noise(estimator):
+    # softmax has no noise: adding the term must not move torch's generator (dropout, shuffling
+    # and every later draw would change); the Gumbel estimators draw one seed per call.
+    features = torch.randn(6, 4)
+    state = torch.get_rng_state()
+    fierce_ext.entropy(features, bins=5, estimator=estimator)
+    fierce_ext.histogram(features, fierce_ext.uniform_dictionary(4, 5), estimator=estimator)
+    assert torch.equal(torch.get_rng_state(), state) == (estimator == "softmax")
