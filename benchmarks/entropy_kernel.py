@@ -7,22 +7,33 @@
 
 Measured per shape, dtype and backend (cosine similarity unless --similarity says otherwise, the
 paper's gumbel_hard estimator): forward, backward and forward+backward time, peak extra memory
-of a forward+backward, the achieved TFLOP/s counted against the three-GEMM floor
-(3 * 2*B*D*C*K flops: forward, recompute, gradient) and the time over that floor, where the
-floor is 3x one measured GEMM (B, D) x (D, C*K) (on CUDA in tf32 for fp32 inputs and in bf16
-for bf16 inputs).
+of a forward+backward, an effective TFLOP/s (6*B*D*C*K flops, the three GEMMs of a fused
+forward+backward: forward, recompute, gradient, over the measured time) and the time over the
+"three-GEMM floor", 3x one measured GEMM (B, D) x (D, C*K), timed as the shape's rows. On CUDA
+that GEMM multiplies float32 as the fused backends do this run
+(fierce_ext.backends.fp32_precision: tf32, or cuBLAS's exact float32 for ieee, and for tf32x3,
+which torch has no GEMM for), bf16 and fp16 in their dtype. The floor is a reference rate: codes
+that keep their logits and so do two GEMMs (the paper's, the CPU torch backend for one chunk)
+can beat it (x floor < 1).
 
 Backends: "paper" (benchmarks/paper_baseline.py, eager), "paper-compiled" (its torch.compile;
 always on CUDA, with --compile on CPU where compiling is slow), and every fierce_ext backend
 that fierce_ext.available_backends(device) reports available.
 
-How it is measured:
-* CUDA: triton.testing.do_bench medians (it flushes the L2 between runs). Backward alone:
-  do_bench of backward(retain_graph=True) on one forward's graph. Memory:
+How it is measured (each row's `timing` and `bwd_method` say which way):
+* CUDA, launch-bound shapes (B*C*K <= GRAPH_MAX_LOGITS), timing "loop": the median of 10 rounds
+  of back-to-back calls, each round timed by the wall clock between two synchronizes, so the
+  host's launch time counts where it exceeds the device's (do_bench starts its event right after
+  queueing an L2 flush, and a host-bound step's launches hide behind that flush). Their fwd+bwd
+  is also replayed from a CUDA graph: the device's share. Larger shapes, timing "do_bench":
+  triton.testing.do_bench medians (the L2 flushed before each call). Backward alone
+  (bwd_method "replay"): backward(retain_graph=True) of one forward's graph, timed the same way;
+  graphs that cannot be replayed (torch.compile's donated buffers) get "fresh": a fresh forward
+  before each backward, waited for, then CUDA events around the backward. Memory:
   torch.cuda.max_memory_allocated() during one forward+backward minus the memory allocated
   before it (inputs and dictionary excluded, the feature gradient included).
-* CPU: the median of repeated time.perf_counter() measurements after a warm-up (backward alone:
-  a fresh untimed forward before each timed backward). The backends of a shape take turns
+* CPU: the median of repeated time.perf_counter() measurements after a warm-up (backward alone,
+  "fresh": a fresh untimed forward before each timed backward). The backends of a shape take turns
   (CPU_ROUNDS rounds), so that a shared machine's changing load weighs on all of them alike.
   Memory: tracemalloc does not see torch's allocations, so each (shape, dtype) is measured in
   a fresh subprocess: per backend one warm-up forward+backward, then the kernel's peak-RSS mark
@@ -36,11 +47,17 @@ Outputs: a printed markdown table and, under benchmarks/results/ (a temporary fo
 rewritten after every (shape, dtype) case, and on CUDA after every backend, so a run killed
 midway (the device check's timeout) leaves everything measured until then; meta.complete says
 whether the run finished. The .png comes at the end.
+
+Rows that are not timed say why in `skipped`: the memory rule, a failure, the paper's code in
+float16 (NaN: its 1e-21 underflows), or a backend whose warm-up gave a non-finite entropy or
+gradient. --no-tf32 also sets FIERCE_EXT_FP32_PRECISION=ieee for the run (the fused backends
+read that variable, not torch's flag).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -114,6 +131,12 @@ DEFAULT_DTYPES = {"cpu": ["fp32"], "cuda": ["fp32", "bf16"]}
 MATERIALISED = {"paper": 10, "paper-compiled": 10, "reference": 10}
 MATERIALISED_DISTANCE = {"paper": 4, "paper-compiled": 4, "reference": 2}
 MiB = 2**20
+# The dictionary's range per shape (DESIGN.md): uniform on [-1, 1) unless named here.
+DICTIONARY_RANGE = {"hyperspectral": (0.0, 1.0)}
+# The paper's code in float16: its guard 1e-21 underflows to 0, so an empty bin's
+# 0 * log2(0) makes the entropy NaN. Not timed: no speedup against a NaN baseline.
+PAPER_FP16_NOTE = ("the paper's code gives NaN in float16 (its log2(p + 1e-21): 1e-21 "
+                   "underflows to 0, an empty bin is 0 * -inf)")
 
 
 # ----------------------------------------------------------------------------------- cases
@@ -126,7 +149,8 @@ def make_inputs(shape_name, dtype, device, requires_grad=True):
         dictionary = fierce_ext.bin_dictionary(bins, 1.0, float(bins), heads)
     else:
         features = torch.randn(batch, dim, generator=gen)
-        dictionary = fierce_ext.uniform_dictionary(dim, bins, heads, seed=0)
+        low, high = DICTIONARY_RANGE.get(shape_name, (-1.0, 1.0))
+        dictionary = fierce_ext.uniform_dictionary(dim, bins, heads, low, high, seed=0)
     features, dictionary = features.to(device, dtype), dictionary.to(device, dtype)
     return features.requires_grad_(requires_grad), dictionary
 
@@ -215,34 +239,104 @@ def cpu_median_ms(fn, setup=None, min_reps=3, max_reps=50, min_time=0.5, record=
     return statistics.median(times)
 
 
-def cuda_median_ms(fn, grad_to_none=None):
+# Shapes this small are launch-bound: the eager time is mostly the host's per-call cost (Python,
+# dispatch, launches). On CUDA their eager steps are timed by CUDA_LOOP (host time counted), and
+# their fwd+bwd is also timed replayed from a CUDA graph, the device's share.
+GRAPH_MAX_LOGITS = 2**22
+
+# How a CUDA row was timed (the row's `timing`):
+CUDA_LOOP = "loop"  # wall clock of back-to-back calls between synchronizes
+CUDA_DO_BENCH = "do_bench"  # triton.testing.do_bench median: device time, L2 flushed
+CPU_TIMING = "perf_counter"
+# How its backward alone was timed (the row's `bwd_method`):
+BWD_REPLAY = "replay"  # backward(retain_graph=True) of one forward's graph, timed as the row
+BWD_FRESH = "fresh"  # a fresh untimed forward before each timed backward
+
+
+def launch_bound(shape):
+    batch, _, heads, bins = shape
+    return batch * heads * bins <= GRAPH_MAX_LOGITS
+
+
+def cuda_median_ms(fn, grad_to_none=None, host_bound=False):
+    """Median ms of fn() on CUDA: cuda_loop_ms where host_bound, else do_bench."""
+    if host_bound:
+        return cuda_loop_ms(fn, grad_to_none)
     from triton.testing import do_bench
 
     return float(do_bench(fn, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def cuda_loop_ms(fn, grad_to_none=None, rounds=10, round_s=0.01):
+    """Per-call ms of fn() called back to back, the median over `rounds` of a round's wall time
+    (n calls between two synchronizes) over n. For launch-bound steps: do_bench records its start
+    event right after queueing an L2 flush without synchronising, so a host that takes longer to
+    launch a step than the device to run it hides behind that flush; here its time counts."""
+    def call():
+        if grad_to_none is not None:
+            for x in grad_to_none:
+                x.grad = None
+        fn()
+
+    call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    reps = max(3, min(2000, int(round_s / max(time.perf_counter() - start, 1e-6))))
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            call()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / reps * 1e3)
+    return statistics.median(times)
+
+
+def _check_finite(out, features):
+    """Why the entropy or the feature gradient is not finite, or None."""
+    if not torch.isfinite(out.detach()).all():
+        return f"non-finite entropy ({out.detach().float().item():g}): not timed"
+    if features.grad is not None and not torch.isfinite(features.grad).all():
+        return "non-finite feature gradient: not timed"
+    return None
+
+
 def _warm_up(fn, features, device):
-    for _ in range(2):  # compilation, autotuning, lazy initialisation
-        fn(features).backward()
+    """Two untimed forward+backward (compilation, autotuning, lazy initialisation); returns why
+    the first one's values are unusable (non-finite), or None."""
+    why = None
+    for i in range(2):
+        out = fn(features)
+        out.backward()
+        if i == 0:
+            why = _check_finite(out, features)
         features.grad = None
+        if why:
+            break
     _sync(device)
+    return why
 
 
-def time_cuda_case(fn, features):
-    """(forward ms, backward ms, forward+backward ms) on CUDA."""
+def time_cuda_case(fn, features, host_bound=False):
+    """(forward ms, backward ms, forward+backward ms, bwd_method) on CUDA."""
     def forward_backward():
         fn(features).backward()
         features.grad = None
 
-    fwd = cuda_median_ms(lambda: fn(features))
-    fwdbwd = cuda_median_ms(forward_backward, grad_to_none=[features])
+    fwd = cuda_median_ms(lambda: fn(features), host_bound=host_bound)
+    fwdbwd = cuda_median_ms(forward_backward, grad_to_none=[features], host_bound=host_bound)
     try:
         out = fn(features)
-        bwd = cuda_median_ms(lambda: out.backward(retain_graph=True), grad_to_none=[features])
-    except RuntimeError:  # a graph that cannot be replayed: time each backward alone
-        bwd = _cuda_event_backward_ms(fn, features)
+        bwd = cuda_median_ms(lambda: out.backward(retain_graph=True), grad_to_none=[features],
+                             host_bound=host_bound)
+        bwd_method = BWD_REPLAY
+    except RuntimeError:  # a graph that cannot be replayed (torch.compile's donated buffers)
+        bwd, bwd_method = _cuda_event_backward_ms(fn, features), BWD_FRESH
     features.grad = None
-    return fwd, bwd, fwdbwd
+    return fwd, bwd, fwdbwd, bwd_method
 
 
 # The backends of one shape take turns on the CPU, this many rounds of >= 0.1 s per measure, so
@@ -267,10 +361,14 @@ def time_cpu_cases(cases, quick):
                 fn(features).backward()
                 features.grad = None
 
+            def fresh_forward():  # untimed; no gradient to accumulate into
+                features.grad = None
+                return (fn(features),)
+
             try:
                 cpu_median_ms(lambda: fn(features), record=fwd, **kwargs)
-                cpu_median_ms(lambda out: out.backward(), setup=lambda: (fn(features),),
-                              record=bwd, **kwargs)
+                cpu_median_ms(lambda out: out.backward(), setup=fresh_forward, record=bwd,
+                              **kwargs)
                 features.grad = None
                 cpu_median_ms(forward_backward, record=fwdbwd, **kwargs)
             except Exception as error:
@@ -278,11 +376,6 @@ def time_cpu_cases(cases, quick):
     return [error or (statistics.median(fwd), statistics.median(bwd), statistics.median(fwdbwd),
                       fwdbwd)
             for error, (fwd, bwd, fwdbwd) in zip(errors, times)]
-
-
-# Shapes this small are launch-bound: the eager time is mostly the host's per-call cost (Python,
-# dispatch, launches). Their fwd+bwd is also timed replayed from a CUDA graph, the device's share.
-GRAPH_MAX_LOGITS = 2**22
 
 
 def cuda_graph_fwdbwd_ms(fn, features):
@@ -303,9 +396,14 @@ def cuda_graph_fwdbwd_ms(fn, features):
 
 
 def _cuda_event_backward_ms(fn, features, reps=20):
+    """Median ms of a backward, each after a fresh forward (for graphs that cannot be replayed).
+    The forward is waited for, so the backward starts on an idle device and the events also
+    count the host's time to launch it."""
     times = []
     for _ in range(reps):
+        features.grad = None
         out = fn(features)
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         out.backward()
@@ -316,21 +414,37 @@ def _cuda_event_backward_ms(fn, features, reps=20):
     return statistics.median(times)
 
 
-def gemm_ms(shape, dtype, device, quick):
-    """One (B, D) x (D, C*K) GEMM: the floor's unit. CUDA: tf32 for fp32, else the dtype."""
+def gemm_precision(dtype, device, fp32_precision):
+    """(allow_tf32, label) of the floor's GEMM: on CUDA float32 is multiplied as the fused
+    backends multiply it this run (fierce_ext.backends.fp32_precision)."""
+    if dtype != torch.float32:
+        return False, str(dtype).removeprefix("torch.")
+    if device.type != "cuda":
+        return False, "fp32"
+    if fp32_precision == "tf32":
+        return True, "tf32"
+    if fp32_precision == "tf32x3":  # torch has no 3xTF32 GEMM: cuBLAS's exact float32 instead
+        return False, "ieee (for tf32x3)"
+    return False, "ieee"
+
+
+def gemm_ms(shape, dtype, device, quick, fp32_precision="tf32"):
+    """(ms, precision label) of one (B, D) x (D, C*K) GEMM: the floor's unit. On CUDA timed as
+    the shape's rows are (cuda_loop_ms where launch-bound)."""
     batch, dim, heads, bins = shape
     a = torch.randn(batch, dim, device=device).to(dtype)
     b = torch.randn(dim, heads * bins, device=device).to(dtype)
+    allow_tf32, label = gemm_precision(dtype, device, fp32_precision)
     if device.type == "cuda":
         previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         try:
-            return cuda_median_ms(lambda: a @ b)
+            return cuda_median_ms(lambda: a @ b, host_bound=launch_bound(shape)), label
         finally:
             torch.backends.cuda.matmul.allow_tf32 = previous
     a @ b
     kwargs = dict(min_reps=1, max_reps=2, min_time=0.0) if quick else {}
-    return cpu_median_ms(lambda: a @ b, **kwargs)
+    return cpu_median_ms(lambda: a @ b, **kwargs), label
 
 
 # --------------------------------------------------------------------------------- memory
@@ -429,13 +543,16 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar, all_rows=
     CUDA (on the CPU the backends take turns, so a shape's rows are complete only at its end)."""
     shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
     batch, dim, heads, bins = shape
-    floor = gemm_ms(shape, dtype, device, args.quick)
+    host_bound = device.type == "cuda" and launch_bound(shape)
+    # The floor's float32 GEMMs at the precision the fused backends use this run.
+    floor, floor_precision = gemm_ms(shape, dtype, device, args.quick,
+                                     fierce_ext.backends.fp32_precision(args.similarity))
     _release(device)
     flops = 3 * 2 * batch * dim * heads * bins
 
     def rate(row):
         if "fwdbwd_ms" in row:
-            row.update(gemm_ms=floor, floor_ms=3 * floor,
+            row.update(gemm_ms=floor, gemm_precision=floor_precision, floor_ms=3 * floor,
                        tflops=flops / (row["fwdbwd_ms"] * 1e-3) / 1e12,
                        x_floor=row["fwdbwd_ms"] / (3 * floor))
 
@@ -448,6 +565,8 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar, all_rows=
         if all_rows is not None:
             all_rows.append(row)
         skip = skip_reason(backend, shape, dtype, args.similarity, device)
+        if dtype == torch.float16 and backend in ("paper", "paper-compiled"):
+            skip = PAPER_FP16_NOTE
         if skip:
             row["skipped"] = skip
             _say(f"skip {shape_name} {dtype_name} {backend}: {skip}")
@@ -456,12 +575,16 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar, all_rows=
         features, dictionary = make_inputs(shape_name, dtype, device)
         fn = make_fn(backend, dictionary, args.similarity, args.estimator)
         try:  # report and continue: one broken backend is a result
-            _warm_up(fn, features, device)
-            if device.type == "cuda":  # the row gets its numbers only if all of them came
-                measured = dict(zip(("fwd_ms", "bwd_ms", "fwdbwd_ms"),
-                                    time_cuda_case(fn, features)))
+            unusable = _warm_up(fn, features, device)
+            if unusable:
+                row["skipped"] = unusable
+                _say(f"skip {shape_name} {dtype_name} {backend}: {unusable}")
+            elif device.type == "cuda":  # the row gets its numbers only if all of them came
+                measured = dict(zip(("fwd_ms", "bwd_ms", "fwdbwd_ms", "bwd_method"),
+                                    time_cuda_case(fn, features, host_bound)))
+                measured["timing"] = CUDA_LOOP if host_bound else CUDA_DO_BENCH
                 measured["extra_mib"] = cuda_extra_mib(fn, features, device)
-                if batch * heads * bins <= GRAPH_MAX_LOGITS:
+                if launch_bound(shape):
                     measured["graph_fwdbwd_ms"], why = cuda_graph_fwdbwd_ms(fn, features)
                     if why:
                         measured["graph_note"] = why
@@ -485,7 +608,7 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar, all_rows=
                 continue
             fwd, bwd, fwdbwd, repeats = result
             row.update(fwd_ms=fwd, bwd_ms=bwd, fwdbwd_ms=fwdbwd, fwdbwd_min_ms=min(repeats),
-                       fwdbwd_repeats=len(repeats))
+                       fwdbwd_repeats=len(repeats), timing=CPU_TIMING, bwd_method=BWD_FRESH)
         cpu_cases.clear()
         measured = [row["backend"] for row in rows if "fwdbwd_ms" in row]
         values, why = cpu_memory(shape_name, dtype_name, measured, args) if measured else ({}, None)
@@ -500,11 +623,44 @@ def measure_shape(shape_name, dtype_name, backends, device, args, bar, all_rows=
     return rows
 
 
+@contextlib.contextmanager
+def fp32_precision_env(no_tf32):
+    """With --no-tf32, FIERCE_EXT_FP32_PRECISION=ieee while the run lasts: the fused backends
+    read that variable at each call, not torch's allow_tf32. A user's other setting is refused."""
+    name = fierce_ext.backends.FP32_PRECISION_ENV
+    previous = os.environ.get(name)
+    if no_tf32 and (previous or "").strip().lower() not in ("", "ieee"):
+        sys.exit(f"--no-tf32 asks for exact float32 matmuls, but {name}={previous!r} asks the "
+                 f"fused backends for another precision: unset it or drop --no-tf32")
+    if no_tf32:
+        os.environ[name] = "ieee"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def run(args):
+    with fp32_precision_env(args.no_tf32):
+        return _run(args)
+
+
+def _run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        # Events, do_bench and synchronize() work on the current device: make it this one.
+        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
         torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    try:
+        fp32_precision = fierce_ext.backends.fp32_precision(args.similarity)
+    except ValueError as error:  # a FIERCE_EXT_FP32_PRECISION the backends would refuse
+        sys.exit(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
@@ -520,11 +676,16 @@ def run(args):
     backends, notes = backends_for(device, args.compile)
     if args.backends:
         wanted = args.backends.split(",")
+        known = ["paper", "paper-compiled", *fierce_ext.backends.BACKENDS]
+        for name in wanted:
+            if name not in known:
+                sys.exit(f"--backends: unknown backend {name!r}; known: {', '.join(known)}")
         backends = [b for b in backends if b in wanted]
     for name, why in notes.items():
         print(f"not measured: {name}: {why}")
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    floor_fp32 = gemm_precision(torch.float32, device, fp32_precision)[1]
     out_dir = Path(args.out) if args.out else (
         Path(tempfile.mkdtemp(prefix="fierce-bench-")) if args.quick else HERE / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -539,18 +700,29 @@ def run(args):
         tf32=(device.type == "cuda" and not args.no_tf32), quick=args.quick,
         # How fierce_ext's GPU backends multiply float32 features for this similarity (the
         # paper's code follows `tf32` above).
-        fp32_precision=fierce_ext.backends.fp32_precision(args.similarity),
+        fp32_precision=fp32_precision,
         load_average_start=load_start, load_average_end=None,
         not_measured=notes,
-        timing=("triton.testing.do_bench median" if device.type == "cuda"
+        timing=(f"B*C*K <= 2^{GRAPH_MAX_LOGITS.bit_length() - 1} (launch-bound, timing "
+                f"'{CUDA_LOOP}'): median of 10 rounds of back-to-back calls, wall clock between "
+                f"two synchronizes (host time counted, no L2 flush); larger ('{CUDA_DO_BENCH}'): "
+                f"triton.testing.do_bench median (L2 flushed before each call)"
+                if device.type == "cuda"
                 else f"median of time.perf_counter repeats, the backends of a shape taking "
                      f"turns ({CPU_ROUNDS} rounds of >= {0.5 / CPU_ROUNDS:g} s per measure)"),
+        bwd_timing=(f"'{BWD_REPLAY}': backward(retain_graph=True) of one forward's graph, "
+                    f"timed as the row; '{BWD_FRESH}': a fresh untimed forward before each "
+                    f"backward, waited for, then CUDA events around the backward (graphs that "
+                    f"cannot be replayed: torch.compile's)" if device.type == "cuda"
+                    else f"'{BWD_FRESH}': a fresh untimed forward before each timed backward"),
         memory=("torch.cuda.max_memory_allocated during fwd+bwd minus allocated before"
                 if device.type == "cuda" else
                 "peak RSS (VmHWM after clear_refs) minus RSS before, fresh subprocess per "
                 "shape, glibc mmap threshold 64 KiB"),
-        floor="3 x one measured (B,D)x(D,C*K) GEMM"
-              + (" (tf32 for fp32, bf16 for bf16)" if device.type == "cuda" else " (fp32)"),
+        floor="3 x one measured (B,D)x(D,C*K) GEMM, timed as the shape's rows; "
+              + (f"fp32 as the fused backends multiply it ({floor_fp32}), bf16/fp16 in "
+                 f"their dtype" if device.type == "cuda" else "in the dtype"),
+        floor_fp32_precision=floor_fp32,
         # complete: False while running (and in what a killed run leaves): the files are
         # rewritten after every case, so a timeout keeps everything measured until then.
         complete=False, cases_total=len(shape_names) * len(dtype_names), cases_done=0,
@@ -585,11 +757,13 @@ def run(args):
     if not rows:
         print("\nnothing was measured (see the notes above)")
     else:
-        try:
-            plot(rows, meta, out_dir / f"{stem}.png")
-            written += " / .png"
-        except ImportError as error:  # matplotlib is optional: the numbers are written already
-            print(f"\nno figure: {error}")
+        try:  # the numbers are written already: a figure that fails fails alone
+            if plot(rows, meta, out_dir / f"{stem}.png"):
+                written += " / .png"
+            else:
+                print("\nno figure: no row has a time")
+        except Exception as error:  # matplotlib is optional, and a plot bug must not fail a run
+            print(f"\nno figure: {type(error).__name__}: {error}")
     print(f"\nwrote {out_dir / stem}{written}")
     if load_start and load_start[0] > (os.cpu_count() or 1):
         print(f"warning: load average {load_start[0]:.1f} on {os.cpu_count()} CPUs at the start:"
@@ -625,9 +799,12 @@ def header_text(meta):
     lines = [f"# FIERCE entropy benchmark: {meta['device_name']} ({meta['date']})", "",
              f"torch {meta['torch']}, fierce_ext {meta['fierce_ext']}, {meta['threads']} threads, "
              f"similarity={meta['similarity']}, estimator={meta['estimator']}"
-             + (", TF32 matmuls on" if meta["tf32"] else ""), "",
-             f"- time: {meta['timing']}", f"- memory: {meta['memory']}",
-             f"- floor: {meta['floor']}"]
+             + (", TF32 matmuls on" if meta["tf32"] else "")
+             + f", fierce_ext GPU float32 precision {meta.get('fp32_precision', '?')}", "",
+             f"- time: {meta['timing']}"]
+    if meta.get("bwd_timing"):
+        lines.append(f"- bwd ms: {meta['bwd_timing']}")
+    lines += [f"- memory: {meta['memory']}", f"- floor: {meta['floor']}"]
     if meta.get("load_average_start"):
         lines.append(f"- load average at start / end: "
                      f"{', '.join(f'{x:.1f}' for x in meta['load_average_start'])} / "
@@ -653,54 +830,68 @@ def _fmt(value, digits=3):
 
 def markdown_table(rows):
     head = ("| shape | B x D x C x K | dtype | backend | fwd ms | bwd ms | fwd+bwd ms | "
-            "extra MiB | TFLOP/s | x 3-GEMM floor | speedup vs paper | fwd+bwd ms, CUDA graph |")
+            "extra MiB | TFLOP/s | x 3-GEMM floor | speedup vs paper | fwd+bwd ms, CUDA graph | "
+            "timing / bwd |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         dims = f"{r['B']} x {r['D']} x {r['C']} x {r['K']}"
         if r.get("skipped") or "fwdbwd_ms" not in r:
             why = f"skipped: {r['skipped']}" if r.get("skipped") else "not measured (yet)"
             lines.append(f"| {r['shape']} | {dims} | {r['dtype']} | {r['backend']} | "
-                         f"{why} | | | | | | | |")
+                         f"{why} | | | | | | | | |")
             continue
         lines.append(
             f"| {r['shape']} | {dims} | {r['dtype']} | {r['backend']} | {_fmt(r.get('fwd_ms'))} | "
             f"{_fmt(r.get('bwd_ms'))} | {_fmt(r['fwdbwd_ms'])} | {_fmt(r.get('extra_mib'))} | "
             f"{_fmt(r.get('tflops'))} | {_fmt(r.get('x_floor'))} | "
             f"{_fmt(r.get('speedup_vs_paper'))} | "
-            f"{'not capturable' if r.get('graph_note') else _fmt(r.get('graph_fwdbwd_ms'))} |")
+            f"{'not capturable' if r.get('graph_note') else _fmt(r.get('graph_fwdbwd_ms'))} | "
+            f"{r.get('timing', '?')} / {r.get('bwd_method', '?')} |")
     return "\n".join(lines)
 
 
+def _points(rows, shapes, key, backend=None):
+    """(x, y) of the rows' positive `key` per shape (its index in `shapes`), for one backend."""
+    xs, ys = [], []
+    for i, shape in enumerate(shapes):
+        hit = [r for r in rows if r["shape"] == shape and backend in (None, r["backend"])
+               and (r.get(key) or 0) > 0]  # (NaN > 0 is false too)
+        if hit:
+            xs.append(i)
+            ys.append(hit[0][key])
+    return xs, ys
+
+
 def plot(rows, meta, path):
+    """fwd+bwd time per shape and backend, a panel per dtype on a log axis, to `path`. A log
+    axis needs positive data: backends and dtypes without a time are left out, and nothing is
+    written (False returned) when no row has one."""
+    panels = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        measured = [r for r in rows if r["dtype"] == dtype]
+        shapes = list(dict.fromkeys(r["shape"] for r in measured))
+        series = {backend: _points(measured, shapes, "fwdbwd_ms", backend)
+                  for backend in dict.fromkeys(r["backend"] for r in measured)}
+        series = {backend: points for backend, points in series.items() if points[0]}
+        if series:
+            panels.append((dtype, shapes, series, _points(measured, shapes, "floor_ms")))
+    if not panels:
+        return False
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dtypes = sorted({r["dtype"] for r in rows})
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(max(6, 3 + 2.2 * len(
-        {r["shape"] for r in rows})) * len(dtypes), 4.5), squeeze=False)
-    for ax, dtype in zip(axes[0], dtypes):
-        measured = [r for r in rows if r["dtype"] == dtype]
-        shapes = list(dict.fromkeys(r["shape"] for r in measured))
-        backends = list(dict.fromkeys(r["backend"] for r in measured))
+    widest = max(len(shapes) for _, shapes, _, _ in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 3 + 2.2 * widest) * len(panels), 4.5),
+                             squeeze=False)
+    for ax, (dtype, shapes, series, floor) in zip(axes[0], panels):
         # Markers joined per backend: on a log axis, bars would start at an arbitrary bottom.
-        for backend in backends:
-            xs, ys = [], []
-            for i, shape in enumerate(shapes):
-                hit = [r for r in measured if r["shape"] == shape and r["backend"] == backend
-                       and r.get("fwdbwd_ms")]
-                if hit:
-                    xs.append(i)
-                    ys.append(hit[0]["fwdbwd_ms"])
+        for backend, (xs, ys) in series.items():
             ax.plot(xs, ys, "o-", label=backend)
-        floor_x, floor_y = [], []
-        for i, shape in enumerate(shapes):
-            hit = [r for r in measured if r["shape"] == shape and r.get("floor_ms")]
-            if hit:
-                floor_x.append(i)
-                floor_y.append(hit[0]["floor_ms"])
-        ax.plot(floor_x, floor_y, "k--", marker="_", markersize=20, label="3-GEMM floor")
+        if floor[0]:
+            ax.plot(*floor, "k--", marker="_", markersize=20, label="3-GEMM floor")
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels(shapes)
         ax.set_yscale("log")
@@ -711,16 +902,18 @@ def plot(rows, meta, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", help=f"comma list of {', '.join(SHAPES)} "
                         f"(default: {DEFAULT_SHAPES['cpu']} on CPU, all named on CUDA)")
     parser.add_argument("--dtypes", help="comma list of fp32, bf16, fp16 "
                         "(default: fp32 on CPU, fp32,bf16 on CUDA)")
-    parser.add_argument("--backends", help="comma list to restrict the backends measured")
+    parser.add_argument("--backends", help="comma list to restrict the backends measured: paper, "
+                        f"paper-compiled, {', '.join(fierce_ext.backends.BACKENDS)}")
     parser.add_argument("--device", help="cpu or cuda[:i] (default: cuda if present)")
     parser.add_argument("--compile", action="store_true",
                         help="CPU: also measure torch.compile of the paper code (slow to build)")
@@ -729,7 +922,8 @@ def main(argv=None):
                         choices=["gumbel_hard", "gumbel_soft", "softmax"],
                         help="fierce_ext estimator (the paper's code is always gumbel_hard)")
     parser.add_argument("--no-tf32", action="store_true",
-                        help="CUDA: keep fp32 matmuls in full fp32 (default: TF32 allowed)")
+                        help="CUDA: keep fp32 matmuls in full fp32, torch's and fierce_ext's "
+                        "(sets FIERCE_EXT_FP32_PRECISION=ieee; default: TF32 allowed)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny smoke run (one small shape, one repeat)")
@@ -737,7 +931,11 @@ def main(argv=None):
                         "temporary folder with --quick)")
     parser.add_argument("--tag", help="appended to the output file names")
     parser.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.memory_worker:
         print(json.dumps(cpu_memory_worker(json.loads(args.memory_worker))))
         return
