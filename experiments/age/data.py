@@ -57,6 +57,7 @@ def rotated_digits(seed: int = 0, copies: int = 1, image_size: int = 16, limit: 
     """Return (images (N, 1, S, S) float32 in [0, 1], angles in degrees (N,), digit index (N,)).
 
     Each of the 1797 digits appears ``copies`` times, each with its own angle. Deterministic in ``seed``.
+    ``limit`` caps the number of SAMPLES: the first ceil(limit / copies) digits, cut at ``limit`` samples.
     """
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
@@ -64,7 +65,9 @@ def rotated_digits(seed: int = 0, copies: int = 1, image_size: int = 16, limit: 
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     digits = load_digits().images.astype(np.float64) / 16.0  # (1797, 8, 8), values 0..16
     if limit is not None:
-        digits = digits[:limit]
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        digits = digits[:-(-limit // copies)]
     rng = np.random.default_rng(seed)
     inner = int(round(image_size * 0.75))  # leave a border so half-turned corners stay inside the frame
     pad = image_size - inner
@@ -76,6 +79,7 @@ def rotated_digits(seed: int = 0, copies: int = 1, image_size: int = 16, limit: 
             images.append(np.clip(ndimage.rotate(big, angle, reshape=False, order=1, mode="constant"), 0.0, 1.0))
             angles.append(angle)
             index.append(i)
+    images, angles, index = images[:limit], angles[:limit], index[:limit]  # limit None: everything
     return (np.asarray(images, dtype=np.float32)[:, None], np.asarray(angles, dtype=np.float32),
             np.asarray(index, dtype=np.int64))
 
@@ -135,7 +139,7 @@ def read_imdb_wiki_mat(path: Path) -> tuple[list[str], np.ndarray]:
     """(relative image paths, ages) from IMDB-WIKI's ``imdb.mat`` or ``wiki.mat`` metadata.
 
     Keeps the samples the paper keeps: face_score >= 1, no second face (second_face_score is NaN),
-    0 <= age <= 100.
+    0 <= age <= 100; rows without a date of birth or photo year are skipped too.
     """
     from scipy.io import loadmat
 
@@ -156,7 +160,8 @@ def read_imdb_wiki_mat(path: Path) -> tuple[list[str], np.ndarray]:
         raise ValueError(f"{path}: metadata fields have different lengths")
     paths, ages = [], []
     for rel, birth, year, score, score2 in zip(full_path, dob, taken, face_score, second):
-        if not (np.isfinite(score) and score >= 1.0) or np.isfinite(score2) or not np.isfinite(birth) or birth < 367:
+        if (not (np.isfinite(score) and score >= 1.0) or np.isfinite(score2) or not np.isfinite(birth) or birth < 367
+                or not np.isfinite(year)):
             continue
         age = age_at_photo(birth, year)
         if 0 <= age <= 100:
@@ -224,16 +229,25 @@ def load_utkface(root: Path, **kwargs) -> AgeSplit:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"UTKFace folder {root} not found")
-    paths, ages, skipped = [], [], 0
+    paths, ages, skipped, seen, duplicates = [], [], 0, {}, []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         age = parse_utkface_name(path.name)
         if age is None:
             skipped += 1
             continue
+        if path.name in seen:  # the same photo twice, e.g. UTKFace/ and crop_part1/ of the real download
+            duplicates.append((path, seen[path.name]))
+            continue
+        seen[path.name] = path
         paths.append(path)
         ages.append(age)
     if skipped:
         warnings.warn(f"{root}: skipped {skipped} images whose name is not age_gender_race_datetime.jpg")
+    if duplicates:
+        again, first = duplicates[0]
+        warnings.warn(f"{root}: {len(duplicates)} file names occur more than once in its subfolders (e.g. {again} "
+                      f"and {first}); kept the first of each (sorted path order), so that one photo cannot land in "
+                      f"both train and test. Point --root at one folder (e.g. UTKFace/) to silence this.")
     return _face_split(paths, np.asarray(ages, dtype=np.float32), {"name": "utkface", "root": str(root)}, **kwargs)
 
 

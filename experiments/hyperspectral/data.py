@@ -18,6 +18,7 @@ The coarse label is argmax_p a_np. Everything is a deterministic function of the
 from __future__ import annotations
 
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,7 +162,8 @@ def load_paper_pickle(path: Path) -> Scene:
     """Read the paper's pickle ``[X, E, y, S, y, A, m, n, L, P]``.
 
     Only X, A, m, n, L and P are required to be meaningful; the labels are recomputed as argmax A
-    (the definition of the coarse task) and a mismatch with the stored y is reported.
+    (the definition of the coarse task); their agreement with the stored y is recorded, with a warning
+    below 99% (or when y does not hold one label per pixel).
     Note: unpickling runs code from the file; only load files you trust.
     """
     path = Path(path)
@@ -196,6 +198,11 @@ def load_paper_pickle(path: Path) -> Scene:
     labels = abundances.argmax(axis=1).astype(np.int64)
     stored = np.asarray(items["y"]).ravel()
     label_agreement = float(np.mean(stored == labels)) if stored.size == n_pixels else None
+    if items["y"] is not None and (label_agreement is None or label_agreement < 0.99):
+        found = (f"agree with argmax A for {label_agreement:.1%} of the pixels" if label_agreement is not None
+                 else f"have {stored.size} entries for {n_pixels} pixels")
+        warnings.warn(f"{path}: the stored labels y {found}; the coarse labels used are argmax A (0-based). "
+                      f"Stored 1-based or one-hot labels, or a different pixel order, would show this.")
     return Scene(pixels=pixels, abundances=abundances, labels=labels, height=height, width=width,
                  material_names=tuple(f"material_{p}" for p in range(n_materials)),
                  info={"name": "pickle", "path": str(path), "stored_label_agreement": label_agreement})

@@ -26,11 +26,11 @@ def write_image(path, seed):
 
 # --- digits-rotation ---------------------------------------------------------------------------------
 def test_rotated_digits_shapes_range_and_determinism():
-    images, angles, index = rotated_digits(seed=0, copies=2, image_size=16, limit=10)
+    images, angles, index = rotated_digits(seed=0, copies=2, image_size=16, limit=20)
     assert images.shape == (20, 1, 16, 16) and images.dtype == np.float32
     assert angles.min() >= 0 and angles.max() < 180
     np.testing.assert_array_equal(index, np.repeat(np.arange(10), 2))
-    again, angles_again, _ = rotated_digits(seed=0, copies=2, image_size=16, limit=10)
+    again, angles_again, _ = rotated_digits(seed=0, copies=2, image_size=16, limit=20)
     np.testing.assert_array_equal(images, again)
     np.testing.assert_array_equal(angles, angles_again)
     # The image does depend on the angle: rotating by 90 degrees moves the ink.
@@ -38,13 +38,22 @@ def test_rotated_digits_shapes_range_and_determinism():
 
 
 def test_digits_split_is_by_digit_and_labelled_stand_in():
-    split = load_digits_rotation(seed=0, copies=2, limit=40)
+    split = load_digits_rotation(seed=0, copies=2, limit=80)
     assert len(split.train) + len(split.test) == 80
     assert split.info["stand_in"] is True and "STAND-IN" in split.info["description"]
     image, age = split.train[0]
     assert image.shape == (1, 16, 16) and 0 <= float(age) < 180
     coarse = split.coarse(split.test_ages)
     np.testing.assert_array_equal(coarse, (split.test_ages >= np.median(split.train_ages)).astype(np.int64))
+
+
+def test_limit_counts_samples_not_digits():
+    # --limit N: at most N samples whatever --copies is (it used to count digits: N x copies samples).
+    for copies, limit in ((1, 30), (3, 30), (3, 31), (4, 7)):
+        images, angles, index = rotated_digits(seed=0, copies=copies, image_size=8, limit=limit)
+        assert len(images) == len(angles) == len(index) == limit
+        assert index.max() + 1 == -(-limit // copies)  # the first digits, all copies of each but the last
+    assert len(load_digits_rotation(seed=0, copies=3, image_size=8, limit=50).train_ages) < 50
 
 
 # --- IMDB-WIKI ---------------------------------------------------------------------------------------
@@ -68,6 +77,7 @@ def imdb_fixture(tmp_path):
         ("04/g_7.jpg", dt.date(2001, 2, 1), 2009, 4.0, np.nan, True),
         ("04/h_8.jpg", dt.date(1960, 5, 5), 1999, 2.5, np.nan, True),
         ("05/i_9.jpg", dt.date(1975, 12, 1), 2004, 1.0, np.nan, True),
+        ("05/j_10.jpg", dt.date(1975, 12, 1), np.nan, 3.0, np.nan, False),  # no photo year: int(nan) crashed
     ]
     for i, row in enumerate(rows):
         write_image(root / row[0], i)
@@ -152,6 +162,21 @@ def test_utkface_loader(tmp_path):
     assert image.shape == (3, 12, 12) and float(age) in ages
     with pytest.raises(FileNotFoundError):
         load_utkface(tmp_path / "absent")
+
+
+def test_utkface_duplicate_names_are_dropped_with_a_warning(tmp_path):
+    # The real download has UTKFace/ and crop_part1/ holding the same file names: one photo must not land
+    # in both train and test.
+    names = [f"{age}_0_1_2017011617452{i}.jpg.chip.jpg" for i, age in enumerate([5, 15, 25, 35, 45, 55])]
+    for i, name in enumerate(names):
+        write_image(tmp_path / "UTKFace" / name, i)
+    for i, name in enumerate(names[:4]):
+        write_image(tmp_path / "crop_part1" / name, 10 + i)
+    with pytest.warns(UserWarning, match="4 file names occur more than once"):
+        split = load_utkface(tmp_path, image_size=8, seed=0)
+    assert len(split.train) + len(split.test) == 6
+    listed = [p.name for p in split.train.paths + split.test.paths]
+    assert sorted(listed) == sorted(names)
 
 
 # --- model -------------------------------------------------------------------------------------------

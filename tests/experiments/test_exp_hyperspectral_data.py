@@ -107,6 +107,25 @@ def test_pickle_written_by_hand(tmp_path):
     np.testing.assert_array_equal(scene.labels, labels)
 
 
+def test_pickle_warns_when_stored_labels_disagree(tmp_path, recwarn):
+    rng = np.random.default_rng(0)
+    m, n, bands, materials = 3, 4, 144, 4
+    abundances = rng.dirichlet(np.ones(materials), size=m * n).T
+    pixels = rng.uniform(size=(bands, m * n))
+    labels = abundances.argmax(axis=0)
+
+    def load(stored):
+        with open(tmp_path / "labels.pkl", "wb") as handle:
+            pickle.dump([pixels, None, stored, None, stored, abundances, m, n, bands, materials], handle)
+        return load_paper_pickle(tmp_path / "labels.pkl")
+
+    assert load(labels).info["stored_label_agreement"] == 1.0 and not recwarn.list
+    with pytest.warns(UserWarning, match="agree with argmax A for 0.0%"):
+        assert load(labels + 1).info["stored_label_agreement"] == 0.0  # stored 1-based
+    with pytest.warns(UserWarning, match="48 entries for 12 pixels"):
+        assert load(np.eye(materials)[labels]).info["stored_label_agreement"] is None  # one-hot
+
+
 def test_pickle_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_paper_pickle(tmp_path / "missing.pkl")
