@@ -2,8 +2,9 @@
 
 Train a narrow ResNet-18 with a ONE-dimensional feature to tell the younger half from the older half
 (age below / above the training median) with cross-entropy, label smoothing or FIERCE, then read the
-exact age off that single feature: orient it (younger half = lower mean), map it onto the training age
-distribution by 1-D optimal transport, and report the MSE to the true ages on the test set.
+exact age off that single feature: orient it (the younger half of the TRAINING set must have the lower
+mean feature), map it onto the training age distribution by 1-D optimal transport, and report the MSE to
+the true ages on the test set (the test set's ages and coarse labels enter only that error).
 
     python experiments/age/run.py             # digits-rotation STAND-IN, ~6 min on 2 CPU cores
     python experiments/age/run.py --quick     # CI-sized
@@ -22,8 +23,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
 
 try:
     import fierce_ext
@@ -34,15 +35,21 @@ from experiments.age.data import DATASETS, load_digits_rotation, load_imdb_wiki,
 from experiments.age.model import AgeResNet
 from experiments.common import (CrossEntropyCriterion, FIERCECriterion, LabelSmoothingCriterion, accuracy,
                                 collect_outputs, ot_age_mse, seed_everything, train_epoch)
-from experiments.common.cli import RESULTS_ROOT, apply_defaults, base_parser, resolve_device, resolve_parallelism
+from experiments.common.cli import (RESULTS_ROOT, apply_defaults, base_parser, check_device_backend, resolve_device,
+                                    resolve_parallelism)
 from experiments.common.experiment import payload, run_grid
 from experiments.common.plotting import plot_metrics
 from experiments.common.results import markdown_table, write_json, write_markdown
 
 DEFAULTS = dict(epochs=30, seeds=3, batch_size=128, lr=1e-3, lam=0.2, ls_epsilon=0.1, image_size=None)
-QUICK = dict(epochs=3, seeds=1, limit=400)
+# --quick: ~100 optimiser steps (batch 32, 560 training digits, 5 epochs), enough for CE to learn the coarse
+# task and for the BatchNorm running statistics to settle; ~10 s on 2 busy cores.
+QUICK = dict(epochs=5, seeds=1, batch_size=32, limit=800)
 BINS = 100  # bins at ages 1..100, as in the paper's code
 EVAL_NOISE_SEED = 0
+# The reported entropy is computed on the CPU (collect_outputs returns CPU tensors) with the torch backend,
+# whatever --backend trains with: every backend draws the same noise, and triton / cuda cannot run there.
+EVAL_BACKEND = "torch"
 METRICS = ["test_accuracy", "age_mse", "entropy_bits"]
 CRITERION_NAMES = {"ce": "CE", "ls": "Label smoothing", "fierce": "FIERCE"}
 
@@ -52,16 +59,28 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=Path, default=None,
                         help="imdb-wiki: folder the listed image paths are relative to (default: the metadata's folder)")
     parser.add_argument("--image-size", type=int, default=None, help="default: 16 for digits, 64 for faces")
-    parser.add_argument("--copies", type=int, default=1, help="digits-rotation: rotated copies of each digit")
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many samples")
-    parser.add_argument("--workers", type=int, default=0, help="data loader workers (face datasets)")
+    parser.add_argument("--copies", type=int, default=None, help="digits-rotation only: rotated copies of each "
+                                                                   "digit (default 1)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use at most this many samples (digits-rotation: the first digits, all copies of each, "
+                             "cut at N samples; face datasets: a random subset)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="data loader worker processes (worth it for face images read from disk; results do "
+                             "not depend on it)")
     parser.add_argument("--feature-init", choices=["range", "default"], default="range",
                         help="range: affine map set so the feature starts spread over the bins 1..100, zero "
                              "classifier; default: PyTorch's initialisation")
     args = parser.parse_args(argv)
+    if args.images is not None and args.dataset != "imdb-wiki":
+        parser.error(f"--images applies to --dataset imdb-wiki only, not {args.dataset}")
+    if args.copies is not None and args.dataset != "digits-rotation":
+        parser.error(f"--copies applies to --dataset digits-rotation only, not {args.dataset}")
+    if args.copies is None:
+        args.copies = 1
     if args.quick and args.limit is None:
         args.limit = QUICK["limit"]
     args = apply_defaults(args, DEFAULTS, {k: v for k, v in QUICK.items() if k != "limit"})
+    check_device_backend(parser, args)
     if args.image_size is None:
         args.image_size = 16 if args.dataset == "digits-rotation" else 64
     if args.image_size < 8:
@@ -107,6 +126,27 @@ class CoarseLabels(torch.utils.data.Dataset):
         return image, (age >= self.median_age).long()
 
 
+def train_loader(dataset, batch_size: int, workers: int, seed: int) -> DataLoader:
+    """Shuffled training batches whose order depends on ``seed`` and the epoch only, not on ``workers``.
+
+    The permutations come from the sampler's own generator; the DataLoader's generator (a separate one)
+    only draws the per-iterator base seed of the workers. With one shared generator, as with
+    ``DataLoader(shuffle=True, generator=g)``, that draw happens once per iterator, i.e. once per epoch
+    without persistent workers and once per run with them, so the permutations would depend on
+    ``workers``. Workers persist across epochs (no pool restarted every epoch)."""
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
+                      drop_last=len(dataset) > batch_size)
+
+
+def eval_loader(dataset, workers: int) -> DataLoader:
+    """Batches in order. Its own generator: a DataLoader without one draws its workers' base seed from
+    torch's global generator at every iteration, which FIERCE's noise seeds (seed=None) also draw from."""
+    return DataLoader(dataset, batch_size=256, num_workers=workers, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(0))
+
+
 def train_one(context: dict, criterion_name: str, seed: int) -> dict:
     """Train one model with one criterion and seed; per-epoch metrics on the test set.
     Module-level (not a closure) so that parallel runs can pickle it."""
@@ -114,15 +154,13 @@ def train_one(context: dict, criterion_name: str, seed: int) -> dict:
     median = split.median_age
     train_set, test_set = CoarseLabels(split.train, median), CoarseLabels(split.test, median)
     test_ages = split.test_ages.astype(np.float64)
-    test_is_young = test_ages < median
     eval_dictionary = fierce_ext.bin_dictionary(BINS, 1, BINS)
-    generator = seed_everything(seed)
+    seed_everything(seed)
     model = AgeResNet(in_channels=split.in_channels).to(device)
     criterion = make_criterion(criterion_name, args).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=generator,
-                        num_workers=args.workers, drop_last=len(train_set) > args.batch_size)
-    test_loader = DataLoader(test_set, batch_size=256, num_workers=args.workers)
+    loader = train_loader(train_set, args.batch_size, args.workers, seed)
+    train_eval, test_eval = eval_loader(train_set, args.workers), eval_loader(test_set, args.workers)
     if args.feature_init == "range":
         # Same start for every criterion: the feature spread over the bins 1..100 (so the entropy term acts
         # from the first step), and a zero classifier (so features of that scale do not start with huge
@@ -137,12 +175,15 @@ def train_one(context: dict, criterion_name: str, seed: int) -> dict:
                   disable=not progress, dynamic_ncols=True)
     for epoch in epochs:
         record = {"epoch": epoch, **train_epoch(model, loader, criterion, optimizer, device, progress)}
-        logits, features, labels = collect_outputs(model, test_loader, device)
+        logits, features, labels = collect_outputs(model, test_eval, device)
+        # The read-out's sign comes from the training set (features and coarse labels), never the test set.
+        _, train_features, train_labels = collect_outputs(model, train_eval, device)
         record["test_accuracy"] = accuracy(logits, labels)
-        record["age_mse"] = ot_age_mse(features.numpy(), test_is_young, test_ages, split.train_ages)
+        record["age_mse"] = ot_age_mse(features.numpy(), test_ages, split.train_ages,
+                                       train_features=train_features.numpy(), train_is_young=train_labels.numpy() == 0)
         record["entropy_bits"] = fierce_ext.entropy(features, eval_dictionary, similarity="distance",
                                                     estimator="gumbel_hard", seed=EVAL_NOISE_SEED,
-                                                    backend=args.backend).item()
+                                                    backend=EVAL_BACKEND).item()
         record["feature_std"] = features.std().item()
         history.append(record)
         epochs.set_postfix(acc=f"{record['test_accuracy']:.3f}", mse=f"{record['age_mse']:.0f}",
@@ -172,8 +213,10 @@ def main(argv=None):
                                 if args.feature_init == "range" else "PyTorch default"),
                   optimizer="Adam", fierce="(CE + lam (log2 100 - H)) / (1 + lam), distance similarity, "
                                           "bins at 1..100, gumbel_hard",
-                  age_readout="orient with coarse labels, 1-D OT (POT emd_1d) onto the training ages",
-                  entropy_eval=f"whole test set, bins 1..100, gumbel_hard, noise seed {EVAL_NOISE_SEED}")
+                  age_readout="sign from the training set's features and coarse labels, 1-D OT (POT emd_1d) "
+                              "of the test features onto the training ages",
+                  entropy_eval=f"whole test set, bins 1..100, gumbel_hard, noise seed {EVAL_NOISE_SEED}, "
+                               f"{EVAL_BACKEND} backend on the CPU")
     result = payload("age", dataset_info, config, runs, METRICS, started)
     write_outputs(out_dir, result, runs)
     print(f"wrote {out_dir}/results.json, results.md, curves.png ({result['total_wall_time_s']:.0f} s)")

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+import fierce_ext
+from fierce_ext.backends import BACKENDS
+
 from .losses import CRITERIA
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +32,9 @@ def base_parser(description: str, datasets: list[str], default_dataset: str) -> 
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--ls-epsilon", type=float, default=None, help="label smoothing epsilon")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--backend", default="auto", help="fierce_ext backend (passed through as backend=)")
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                        help="fierce_ext backend of the training criterion (passed through as backend=); checked "
+                             "against fierce_ext.available_backends(--device)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs in parallel processes (default: one per CPU core on the CPU, 1 on a GPU or "
                              "under --quick)")
@@ -58,7 +63,23 @@ def apply_defaults(args: argparse.Namespace, defaults: dict, quick: dict) -> arg
         raise SystemExit("error: --threads must be >= 1")
     if args.jobs is not None and args.jobs < 1:
         raise SystemExit("error: --jobs must be >= 1")
+    repeated = sorted({c for c in args.criteria if args.criteria.count(c) > 1})
+    if repeated:
+        raise SystemExit(f"error: --criteria lists {', '.join(repeated)} more than once (use --seeds for repeats)")
     return args
+
+
+def check_device_backend(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fail at parse time, with the reason, when --backend cannot run on --device (e.g. triton or cuda on
+    the CPU), instead of a traceback at the first training step."""
+    device = resolve_device(args.device)
+    if args.backend == "auto":
+        return
+    status = fierce_ext.available_backends(device)
+    if not status[args.backend].available:
+        usable = ["auto"] + [name for name, s in status.items() if s.available]
+        parser.error(f"--backend {args.backend} cannot run on --device {args.device}: {status[args.backend].reason} "
+                     f"(usable there: {', '.join(usable)})")
 
 
 def resolve_parallelism(args: argparse.Namespace, device: torch.device, n_runs: int) -> tuple[int, int | None]:

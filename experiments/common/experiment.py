@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .results import environment, summarize
 
@@ -27,9 +27,11 @@ def _timed(run_one: Callable[[str, int], dict], criterion: str, seed: int, threa
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        used = torch.get_num_threads()  # what this run computes with, recorded per run
         start = time.perf_counter()
         result = run_one(criterion, seed)
-        return {"criterion": criterion, "seed": seed, **result, "wall_time_s": round(time.perf_counter() - start, 2)}
+        return {"criterion": criterion, "seed": seed, **result, "wall_time_s": round(time.perf_counter() - start, 2),
+                "torch_threads": used}
     finally:
         torch.set_num_threads(previous)  # in-process runs leave the caller's setting alone
 
@@ -59,11 +61,15 @@ def run_grid(criteria: list[str], seeds: int, first_seed: int, run_one: Callable
 
 def payload(experiment: str, dataset: dict, config: dict, runs: list[dict], metrics: list[str],
             started: float, **extra) -> dict:
+    # The threads the runs used (set per run, in their own processes), not the parent's default.
+    used = sorted({run["torch_threads"] for run in runs if "torch_threads" in run})
+    env = environment()
+    env["torch_threads"] = used[0] if len(used) == 1 else used
     return {
         "experiment": experiment,
         "dataset": dataset,
         "config": config,
-        "environment": environment(),
+        "environment": env,
         "total_wall_time_s": round(time.perf_counter() - started, 2),
         "summary": summarize(runs, metrics),
         **extra,

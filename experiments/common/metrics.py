@@ -31,7 +31,8 @@ def transfer_mse(
     frozen), return the abundance MSE on the test pixels.
 
     The features are standardised first: the linear layer can absorb any affine rescaling, so this does
-    not change what can be fitted, only how well L-BFGS is conditioned. The fit is deterministic.
+    not change what can be fitted, only how well L-BFGS is conditioned. The fit is deterministic and leaves
+    torch's global random generator untouched.
     """
     with torch.enable_grad():
         train_features = train_features.detach().double()
@@ -41,10 +42,17 @@ def transfer_mse(
         x_train = (train_features - mean) / std
         x_test = (test_features - mean) / std
         target = train_abundances.detach().double()
-        layer = torch.nn.Linear(x_train.shape[1], target.shape[1]).double()
-        torch.nn.init.zeros_(layer.weight)  # deterministic start: uniform prediction
-        torch.nn.init.zeros_(layer.bias)
-        optimizer = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=max_iter,
+        # Zero parameters made directly (deterministic start: uniform prediction). Not torch.nn.Linear, whose
+        # default initialisation draws from torch's global generator before being overwritten: that would
+        # shift the noise seeds FIERCE draws from it (seed=None), so how often this metric runs would
+        # change the training. Nothing here touches any random generator.
+        weight = torch.zeros(target.shape[1], x_train.shape[1], dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(target.shape[1], dtype=torch.float64, requires_grad=True)
+
+        def layer(x):
+            return F.linear(x, weight, bias)
+
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter,
                                       line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
 
         def closure():
@@ -92,25 +100,36 @@ def ot_map_1d(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return mapped
 
 
-def orient(features: np.ndarray, is_young: np.ndarray) -> np.ndarray:
-    """Flip the sign of a 1-D feature so the younger group has the lower mean feature.
+def orientation(features: np.ndarray, is_young: np.ndarray) -> float:
+    """+1 or -1: the sign that gives the younger group the lower mean feature (+1 with one group only).
 
-    The order of a 1-D feature only carries age information up to its direction; the coarse labels
-    (which the classifier was trained on) fix that direction. Ages are never used here.
+    The order of a 1-D feature only carries age information up to its direction; coarse labels (which the
+    classifier is trained on) fix that direction. Call it with the TRAINING set's features and labels.
     """
     features = np.asarray(features, dtype=np.float64).ravel()
     is_young = np.asarray(is_young, dtype=bool).ravel()
     if features.shape != is_young.shape:
         raise ValueError(f"{features.size} features for {is_young.size} labels")
     if is_young.all() or not is_young.any():
-        return features  # one group only: no evidence for either direction
-    return -features if features[is_young].mean() > features[~is_young].mean() else features
+        return 1.0  # one group only: no evidence for either direction
+    return -1.0 if features[is_young].mean() > features[~is_young].mean() else 1.0
 
 
-def ot_age_mse(features: np.ndarray, is_young: np.ndarray, ages: np.ndarray, reference_ages: np.ndarray) -> float:
-    """MSE between the true ages and the ages read off a 1-D feature by orientation + 1-D OT."""
+def orient(features: np.ndarray, is_young: np.ndarray) -> np.ndarray:
+    """``features`` with the sign ``orientation(features, is_young)``: the younger group gets the lower mean."""
+    return orientation(features, is_young) * np.asarray(features, dtype=np.float64).ravel()
+
+
+def ot_age_mse(features: np.ndarray, ages: np.ndarray, reference_ages: np.ndarray, *,
+               train_features: np.ndarray, train_is_young: np.ndarray) -> float:
+    """MSE between the true ``ages`` and the ages read off the 1-D ``features`` (the test set): the sign is
+    fixed on the TRAINING set (``train_features`` with its coarse labels ``train_is_young``), then the
+    oriented features are mapped onto ``reference_ages`` (the training ages) by 1-D OT. Neither the test
+    set's ages nor its coarse labels enter the read-out; the ages only enter the error.
+    """
     ages = np.asarray(ages, dtype=np.float64).ravel()
-    predicted = ot_map_1d(orient(features, is_young), reference_ages)
+    sign = orientation(train_features, train_is_young)
+    predicted = ot_map_1d(sign * np.asarray(features, dtype=np.float64).ravel(), reference_ages)
     if predicted.shape != ages.shape:
         raise ValueError(f"{predicted.size} predictions for {ages.size} ages")
     return float(np.mean((predicted - ages) ** 2))

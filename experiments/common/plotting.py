@@ -14,7 +14,7 @@ LABELS = {"ce": "CE", "fierce": "FIERCE", "ls": "Label smoothing"}
 
 
 def metric_curves(runs: list[dict], metric: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """{criterion: (epochs, mean, std)} over the seeds, using the epochs where the metric was recorded."""
+    """{criterion: (epochs, mean, sample std)} over the seeds, using the epochs where the metric was recorded."""
     curves = {}
     for criterion in dict.fromkeys(run["criterion"] for run in runs):
         series = []
@@ -28,7 +28,9 @@ def metric_curves(runs: list[dict], metric: str) -> dict[str, tuple[np.ndarray, 
         epochs = np.array([e for e, _ in series[0]])
         length = min(len(s) for s in series)
         values = np.array([[v for _, v in s[:length]] for s in series], dtype=np.float64)
-        curves[criterion] = (epochs[:length], values.mean(axis=0), values.std(axis=0))
+        # Sample std (ddof=1) like the tables' mean_std; 0 for a single seed.
+        std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(length)
+        curves[criterion] = (epochs[:length], values.mean(axis=0), std)
     return curves
 
 

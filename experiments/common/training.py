@@ -9,7 +9,19 @@ from collections import defaultdict
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() on the iterable at construction
+
+
+def _maybe_progress(iterable, progress: bool, desc: str):
+    """``iterable`` itself when progress is off, else wrapped in a plain tqdm bar.
+
+    Never ``tqdm.auto``: its ``tqdm_asyncio`` calls ``iter(iterable)`` in the constructor even with
+    ``disable=True``, which for a DataLoader builds (and discards) an iterator: one draw from the
+    shuffle generator, and with workers a started worker pool that prefetches (consuming a whole
+    permutation). The loader must be iterated exactly once per epoch."""
+    if not progress:
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def train_epoch(model, loader: DataLoader, criterion, optimizer, device: torch.device,
@@ -18,7 +30,7 @@ def train_epoch(model, loader: DataLoader, criterion, optimizer, device: torch.d
     model.train()
     sums: dict[str, float] = defaultdict(float)
     count = 0
-    for inputs, target in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+    for inputs, target in _maybe_progress(loader, progress, desc):
         inputs, target = inputs.to(device), target.to(device)
         logits, features = model(inputs)
         loss, logs = criterion(logits, target, features)
@@ -44,7 +56,7 @@ def collect_outputs(model, loader: DataLoader, device: torch.device, progress: b
     """Run ``model`` in eval mode over ``loader``; return (logits, features, targets) on the CPU."""
     model.eval()
     logits, features, targets = [], [], []
-    for inputs, target in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+    for inputs, target in _maybe_progress(loader, progress, desc):
         batch_logits, batch_features = model(inputs.to(device))
         logits.append(batch_logits.float().cpu())
         features.append(batch_features.float().cpu())

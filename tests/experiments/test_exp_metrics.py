@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 import fierce_ext
 from experiments.common.losses import LabelSmoothingCriterion, ScaledCosineEntropy, label_smoothing_cross_entropy
-from experiments.common.metrics import abundance_mse, accuracy, orient, ot_age_mse, ot_map_1d, transfer_mse
+from experiments.common.metrics import (abundance_mse, accuracy, orient, orientation, ot_age_mse, ot_map_1d,
+                                       transfer_mse)
+from experiments.common.plotting import metric_curves
 from experiments.common.results import markdown_table, mean_std, summarize
 
 
@@ -96,6 +98,17 @@ def test_accuracy_and_abundance_mse():
         accuracy(logits, torch.tensor([0]))
 
 
+def test_transfer_mse_leaves_the_global_generator_alone():
+    # It used to build torch.nn.Linear, whose initialisation draws from the global generator, from which
+    # FIERCE (seed=None) draws its noise seeds: how often the metric ran changed the training.
+    gen = torch.Generator().manual_seed(0)
+    features, abundances = torch.randn(60, 5, generator=gen), F.softmax(torch.randn(60, 3, generator=gen), dim=1)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    transfer_mse(features[:40], abundances[:40], features[40:], abundances[40:], max_iter=20)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_transfer_mse_recovers_linear_softmax_abundances():
     torch.manual_seed(0)
     weight = torch.randn(6, 3)
@@ -141,11 +154,27 @@ def test_orientation_and_age_mse():
     feature = -3.0 * ages + 7.0  # perfectly informative but reversed
     np.testing.assert_array_equal(orient(feature, young), -feature)
     np.testing.assert_array_equal(orient(-feature, young), -feature)
-    assert ot_age_mse(feature, young, ages, ages) == pytest.approx(0.0, abs=1e-9)
+    assert orientation(feature, young) == -1.0 and orientation(-feature, young) == 1.0
+    assert orientation(feature, np.ones(50, bool)) == 1.0  # one group: no evidence
+    assert ot_age_mse(feature, ages, ages, train_features=feature, train_is_young=young) == pytest.approx(0.0, abs=1e-9)
     # A constant feature carries nothing: the read-out predicts the mean age.
-    assert ot_age_mse(np.ones(50), young, ages, ages) == pytest.approx(np.var(ages))
+    assert ot_age_mse(np.ones(50), ages, ages, train_features=feature, train_is_young=young) == pytest.approx(np.var(ages))
     with pytest.raises(ValueError):
         orient(feature, young[:3])
+
+
+def test_age_readout_is_oriented_by_the_training_set_only():
+    # The test set's own labels would flip this feature; the read-out must take the training set's sign
+    # (it used to orient with the test set's coarse labels) and so read the test ages backwards.
+    ages = np.linspace(0, 100, 50)
+    train_feature, train_young = 2.0 * ages, ages < 50   # training: feature grows with age
+    test_feature = -2.0 * ages                           # test: the opposite
+    reversed_mse = ot_age_mse(test_feature, ages, ages, train_features=train_feature, train_is_young=train_young)
+    assert reversed_mse == pytest.approx(np.mean((ages[::-1] - ages) ** 2))
+    assert ot_age_mse(-test_feature, ages, ages, train_features=train_feature,
+                      train_is_young=train_young) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(TypeError):
+        ot_age_mse(test_feature, ages < 50, ages, ages)  # the old test-label signature is gone
 
 
 # --- result summaries --------------------------------------------------------------------------------
@@ -159,3 +188,12 @@ def test_mean_std_and_table():
     assert list(summary) == ["ce", "fierce"] and summary["ce"]["m"]["mean"] == 2.0
     table = markdown_table(summary, [("m", "metric", 2)], {"ce": "CE", "fierce": "FIERCE"})
     assert "| CE | 2.00 ± 1.41 |" in table and "| FIERCE | 0.50 ± 0.00 |" in table
+
+
+def test_plot_bands_are_sample_std_like_the_tables():
+    runs = [{"criterion": "ce", "history": [{"epoch": 1, "m": v}, {"epoch": 2, "m": 2 * v}]} for v in (1.0, 3.0)]
+    runs.append({"criterion": "fierce", "history": [{"epoch": 1, "m": 5.0}, {"epoch": 2, "m": None}]})
+    epochs, mean, std = metric_curves(runs, "m")["ce"]
+    np.testing.assert_allclose(mean, [2.0, 4.0])
+    np.testing.assert_allclose(std, [mean_std([1.0, 3.0])["std"], mean_std([2.0, 6.0])["std"]])  # ddof=1
+    assert metric_curves(runs, "m")["fierce"][2].tolist() == [0.0]  # one seed: no band
