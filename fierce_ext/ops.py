@@ -11,7 +11,9 @@ exists as a custom op (`fierce_ext::histogram`, `fierce_ext::histogram_backward`
 `fierce_ext::entropy`, `fierce_ext::entropy_backward`) with a fake (meta) implementation, so
 torch.compile traces through them without graph breaks and torch.library.opcheck can check
 them. The seed travels as a 0-d int64 CPU tensor so that drawing it inside a compiled region
-needs no `.item()` in the graph.
+needs no `.item()` in the graph, and tau as a 0-d float64 CPU tensor so that a new value (an
+annealed temperature) is a new input of the graph, not a recompile (a float argument of a custom
+op is guarded on its value); the plain eager path keeps Python numbers.
 
 While anything traces (torch.compile, torch.export, fake tensors, any TorchDispatchMode) the
 calls go to the custom ops and their registered autograd; in plain eager calls to the
@@ -90,6 +92,20 @@ def _under_transforms() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def _tau_tensor(tau) -> Tensor:
+    """tau as the ops take it: a 0-d float64 CPU tensor (see the module doc). The product, not
+    torch.tensor(tau): dynamo keeps it symbolic where torch.tensor would specialise on the
+    value."""
+    if isinstance(tau, Tensor):
+        return tau
+    return torch.ones((), dtype=torch.float64, device="cpu") * tau
+
+
+def _op_args(args):
+    """`args` with the Python float among them (tau, the only one) as the ops take it."""
+    return tuple(_tau_tensor(arg) if isinstance(arg, float) else arg for arg in args)
+
+
 def _run_backward(direct, op, args, grad, features):
     """A backward direction on the path that fits the caller: `direct` (the backend, no
     dispatch) in plain eager calls, the custom op `op` while anything traces or when
@@ -99,7 +115,7 @@ def _run_backward(direct, op, args, grad, features):
         return _FirstOrderOnly.apply(direct, *args)
     if _plain_eager(grad, features) and not torch.is_grad_enabled():
         return direct(*args)
-    return op(*args)
+    return op(*_op_args(args))
 
 
 def _check_rows(features, dictionary, row_offset) -> None:
@@ -113,15 +129,15 @@ def _histogram_forward(features, dictionary, seed, similarity, estimator, tau, r
     _check_rows(features, dictionary, row_offset)
     with _autocast_off(features.device):
         return backends.load(backend).histogram_forward(
-            features, dictionary, similarity, estimator, tau, int(seed), row_offset)
+            features, dictionary, similarity, estimator, float(tau), int(seed), row_offset)
 
 
 def _histogram_backward(grad_histogram, features, dictionary, lse, seed, similarity, estimator,
                         tau, row_offset, backend):
     with _autocast_off(features.device):
         return backends.load(backend).histogram_backward(
-            grad_histogram.contiguous(), features, dictionary, lse, similarity, estimator, tau,
-            int(seed), row_offset)
+            grad_histogram.contiguous(), features, dictionary, lse, similarity, estimator,
+            float(tau), int(seed), row_offset)
 
 
 def _entropy_forward(features, dictionary, seed, similarity, estimator, tau, row_offset, backend,
@@ -130,10 +146,10 @@ def _entropy_forward(features, dictionary, seed, similarity, estimator, tau, row
     module = backends.load(backend)
     with _autocast_off(features.device):
         if hasattr(module, "entropy_forward"):
-            return module.entropy_forward(features, dictionary, similarity, estimator, tau,
-                                          int(seed), row_offset, reduction)
+            return module.entropy_forward(features, dictionary, similarity, estimator,
+                                          float(tau), int(seed), row_offset, reduction)
         histogram, lse = module.histogram_forward(features, dictionary, similarity, estimator,
-                                                  tau, int(seed), row_offset)
+                                                  float(tau), int(seed), row_offset)
         return backends.entropy_bits(histogram, reduction), histogram, lse
 
 
@@ -143,18 +159,18 @@ def _entropy_backward(grad_entropy, histogram, features, dictionary, lse, seed, 
     with _autocast_off(features.device):
         if hasattr(module, "entropy_backward"):
             return module.entropy_backward(grad_entropy, histogram, features, dictionary, lse,
-                                           similarity, estimator, tau, int(seed), row_offset,
-                                           reduction)
+                                           similarity, estimator, float(tau), int(seed),
+                                           row_offset, reduction)
         grad_histogram = backends.entropy_bits_backward(grad_entropy, histogram, reduction)
         return module.histogram_backward(grad_histogram, features, dictionary, lse, similarity,
-                                         estimator, tau, int(seed), row_offset)
+                                         estimator, float(tau), int(seed), row_offset)
 
 
 # ------------------------------------------------------------------------------- the histogram
 
 @torch.library.custom_op("fierce_ext::histogram", mutates_args=())
 def histogram_op(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
-                 estimator: str, tau: float, row_offset: int, backend: str
+                 estimator: str, tau: Tensor, row_offset: int, backend: str
                  ) -> tuple[Tensor, Tensor]:
     return _histogram_forward(features, dictionary, seed, similarity, estimator, tau, row_offset,
                               backend)
@@ -170,7 +186,7 @@ def _histogram_fake(features, dictionary, seed, similarity, estimator, tau, row_
 
 @torch.library.custom_op("fierce_ext::histogram_backward", mutates_args=())
 def histogram_backward_op(grad_histogram: Tensor, features: Tensor, dictionary: Tensor,
-                          lse: Tensor, seed: Tensor, similarity: str, estimator: str, tau: float,
+                          lse: Tensor, seed: Tensor, similarity: str, estimator: str, tau: Tensor,
                           row_offset: int, backend: str) -> Tensor:
     return _histogram_backward(grad_histogram, features, dictionary, lse, seed, similarity,
                                estimator, tau, row_offset, backend)
@@ -258,14 +274,14 @@ def histogram(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: st
         return HistogramUnderTransforms.apply(*args)
     if _plain_eager(features, dictionary):
         return Histogram.apply(*args)
-    return histogram_op(*args)
+    return histogram_op(*_op_args(args))
 
 
 # --------------------------------------------------------------------- the histogram's entropy
 
 @torch.library.custom_op("fierce_ext::entropy", mutates_args=())
 def entropy_op(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
-               estimator: str, tau: float, row_offset: int, backend: str, reduction: str
+               estimator: str, tau: Tensor, row_offset: int, backend: str, reduction: str
                ) -> tuple[Tensor, Tensor, Tensor]:
     return _entropy_forward(features, dictionary, seed, similarity, estimator, tau, row_offset,
                             backend, reduction)
@@ -283,7 +299,7 @@ def _entropy_fake(features, dictionary, seed, similarity, estimator, tau, row_of
 @torch.library.custom_op("fierce_ext::entropy_backward", mutates_args=())
 def entropy_backward_op(grad_entropy: Tensor, histogram: Tensor, features: Tensor,
                         dictionary: Tensor, lse: Tensor, seed: Tensor, similarity: str,
-                        estimator: str, tau: float, row_offset: int, backend: str,
+                        estimator: str, tau: Tensor, row_offset: int, backend: str,
                         reduction: str) -> Tensor:
     return _entropy_backward(grad_entropy, histogram, features, dictionary, lse, seed,
                              similarity, estimator, tau, row_offset, backend, reduction)
@@ -349,7 +365,7 @@ def entropy(features: Tensor, dictionary: Tensor, seed: Tensor, similarity: str,
         return EntropyUnderTransforms.apply(*args)
     if _plain_eager(features, dictionary):
         return Entropy.apply(*args)
-    return entropy_op(*args)
+    return entropy_op(*_op_args(args))
 
 
 # ----------------------------------------------------------------- under torch.func transforms

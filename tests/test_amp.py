@@ -68,10 +68,10 @@ def test_autocast_does_not_touch_op_internals_lse():
     torch.manual_seed(2)
     features = torch.randn(50, 32).bfloat16()
     dictionary = fierce_ext.uniform_dictionary(32, BINS, 1)
-    seed = torch.tensor(3)
-    _, lse = histogram_op(features, dictionary, seed, "dot", "gumbel_hard", 0.05, 0, "torch")
+    seed, tau = torch.tensor(3), torch.tensor(0.05, dtype=torch.float64)
+    _, lse = histogram_op(features, dictionary, seed, "dot", "gumbel_hard", tau, 0, "torch")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, lse_autocast = histogram_op(features, dictionary, seed, "dot", "gumbel_hard", 0.05, 0,
+        _, lse_autocast = histogram_op(features, dictionary, seed, "dot", "gumbel_hard", tau, 0,
                                        "torch")
     assert lse_autocast.dtype == torch.float32
     torch.testing.assert_close(lse_autocast, lse, rtol=1e-6, atol=1e-6)

@@ -155,6 +155,30 @@ def test_compiled_default_dictionary_with_dynamic_shapes(dynamic):
     _compare_compiled(fn, ((32, 16), (40, 16), (40, 24), (48, 24)), dynamic)
 
 
+_TAU_STAYS_SYMBOLIC = torch.__version__ >= "2.6"  # dynamo before 2.6 specialises floats
+
+
+def test_compiled_annealed_tau_is_a_graph_input():
+    # An annealed temperature (Gumbel estimators): the op takes tau as a tensor, so a new value
+    # is an input of the graph; as a float argument of the custom op it was guarded on its
+    # value, one recompile per step until torch's limit (8), then eager.
+    torch._dynamo.reset()
+    module = fierce_ext.FeatureEntropy(16, bins=BINS, heads=2, estimator="gumbel_soft")
+    compiled = torch.compile(module)
+    x = torch.randn(32, 16, requires_grad=True)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for step in range(10):
+        module.tau = 2.0 * 0.8**step
+        value = compiled(x, seed=5)
+        (grad,) = torch.autograd.grad(value, x)
+        expected = module(x, seed=5)
+        (expected_grad,) = torch.autograd.grad(expected, x)
+        torch.testing.assert_close(value, expected)
+        torch.testing.assert_close(grad, expected_grad)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
+    assert graphs <= (2 if _TAU_STAYS_SYMBOLIC else 10), graphs
+
+
 def test_compiled_entropy_seed_none_draws_from_default_generator():
     # fallback_random makes inductor draw from torch's default generator exactly as eager does,
     # so a compiled seed=None call must reproduce the eager one after the same manual_seed; a
@@ -192,21 +216,22 @@ def test_opcheck_histogram_ops(backend, similarity, estimator, dtype):
     features = torch.randn(9, 4, dtype=dtype, requires_grad=True)
     dictionary = fierce_ext.uniform_dictionary(4, 6, 2, dtype=dtype)
     seed = torch.tensor(12345, dtype=torch.int64)
-    args = (features, dictionary, seed, similarity, estimator, 0.7, 3, backend)
+    tau = torch.tensor(0.7, dtype=torch.float64)  # the seed and tau: 0-d CPU tensors
+    args = (features, dictionary, seed, similarity, estimator, tau, 3, backend)
     torch.library.opcheck(histogram_op, args)
 
     hist, lse = histogram_op(*args)
     grad_histogram = torch.randn_like(hist)
     torch.library.opcheck(histogram_backward_op,
                           (grad_histogram, features.detach(), dictionary, lse, seed, similarity,
-                           estimator, 0.7, 3, backend))
+                           estimator, tau, 3, backend))
 
     for reduction in ("mean", "none"):
         torch.library.opcheck(entropy_op, (*args, reduction))
         value, hist, lse = entropy_op(*args, reduction)
         torch.library.opcheck(entropy_backward_op,
                               (torch.randn_like(value), hist, features.detach(), dictionary, lse,
-                               seed, similarity, estimator, 0.7, 3, backend, reduction))
+                               seed, similarity, estimator, tau, 3, backend, reduction))
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])

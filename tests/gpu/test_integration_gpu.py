@@ -45,21 +45,22 @@ def test_opcheck_histogram_ops_on_cuda(gpu_backend, similarity, estimator, dtype
     torch.manual_seed(2)
     features = torch.randn(67, 20, dtype=dtype, device="cuda", requires_grad=True)
     dictionary = fierce_ext.uniform_dictionary(20, 24, 2, dtype=dtype, device="cuda")
-    seed = torch.tensor(12345, dtype=torch.int64)  # the seed stays a CPU tensor
-    args = (features, dictionary, seed, similarity, estimator, 0.7, 3, gpu_backend)
+    seed = torch.tensor(12345, dtype=torch.int64)  # the seed and tau stay CPU tensors
+    tau = torch.tensor(0.7, dtype=torch.float64)
+    args = (features, dictionary, seed, similarity, estimator, tau, 3, gpu_backend)
     torch.library.opcheck(histogram_op, args)
     hist, lse = histogram_op(*args)
     assert hist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.library.opcheck(histogram_backward_op,
                           (torch.randn_like(hist), features.detach(), dictionary, lse, seed,
-                           similarity, estimator, 0.7, 3, gpu_backend))
+                           similarity, estimator, tau, 3, gpu_backend))
     for reduction in ("mean", "none"):
         torch.library.opcheck(entropy_op, (*args, reduction))
         value, hist, lse = entropy_op(*args, reduction)
         assert value.dtype == hist.dtype
         torch.library.opcheck(entropy_backward_op,
                               (torch.rand_like(value), hist, features.detach(), dictionary, lse,
-                               seed, similarity, estimator, 0.7, 3, gpu_backend, reduction))
+                               seed, similarity, estimator, tau, 3, gpu_backend, reduction))
 
 
 def test_compiled_training_step_matches_eager_on_cuda(gpu_backend):
