@@ -52,7 +52,9 @@ case $stack in
         build_env=(FIERCE_EXT_BUILD_CUDA=0)
         test_env=()
         install_target=".[test,experiments]"
-        pytest_args=()
+        # The sm_90 compile of every Triton kernel (~40 s) depends on triton, and this is the
+        # triton 3.8.0 that README's command already compiles them with.
+        pytest_args=(--ignore=tests/test_triton_codegen.py)
         ;;
     *)
         echo "usage: $0 gpu-machine|floor|newest" >&2
