@@ -17,6 +17,7 @@ import threading
 import weakref
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ._arguments import as_int, as_real
 from .noise import SEED_LIMIT
@@ -92,14 +93,15 @@ def _check_representable(low: float, high: float, dtype: torch.dtype,
                          distinct: bool = True) -> None:
     """ValueError naming `low` / `high` when one rounds to Inf in `dtype`, or (`distinct`) when
     both round to the same value, which would make every atom that one value."""
-    rounded = torch.tensor([low, high], dtype=torch.float64, device="cpu").to(dtype)
+    with _disable_current_modes():  # real numbers even under FakeTensorMode
+        rounded = torch.tensor([low, high], dtype=torch.float64, device="cpu").to(dtype).tolist()
     for name, value, kept in (("low", low, rounded[0]), ("high", high, rounded[1])):
-        if not bool(kept.isfinite()):
+        if not math.isfinite(kept):
             raise ValueError(f"{name}={value} is not representable in {dtype} (largest finite "
                              f"value {torch.finfo(dtype).max})")
-    if distinct and bool(rounded[0] == rounded[1]):
+    if distinct and rounded[0] == rounded[1]:
         raise ValueError(f"low={low} and high={high} round to the same {dtype} value "
-                         f"{rounded[0].item()}: widen the range or use a wider dtype")
+                         f"{rounded[0]}: widen the range or use a wider dtype")
 
 
 def _placed(values: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:

@@ -171,8 +171,9 @@ def default_dictionary(dim: int, bins: int, heads: int, device: torch.device,
     # feature dimension was seen); the dictionary is a constant of the graph, so specialise on
     # it (a guard, a recompile for a new D). Dynamo takes a symbolic dim for an int, so no
     # isinstance test can tell them apart; dynamo before torch 2.8 cannot trace guard_scalar,
-    # and there a dynamic D stays unsupported.
-    if _GUARD_SCALAR_TRACES:
+    # and there a dynamic D stays unsupported. (Outside dynamo it always runs: make_fx's
+    # symbolic tracing passes a SymInt.)
+    if _GUARD_SCALAR_TRACES or not torch.compiler.is_compiling():
         dim = int(guard_scalar(dim))
     dictionary = _constant_dictionary(dim, bins, heads, torch.device(device), float64)
     if torch.compiler.is_compiling():
@@ -181,6 +182,11 @@ def default_dictionary(dim: int, bins: int, heads: int, device: torch.device,
         # ("Source of 's7' is None"); a view with the guarded sizes pins them. (Eager calls keep
         # the cached tensor itself: backends memoise its projected forms by identity.)
         dictionary = dictionary.view(heads, dim, bins)
+    elif torch._C._len_torch_dispatch_stack():
+        # Under a dispatch mode (FakeTensorMode, make_fx) the cached tensor is a real tensor the
+        # mode has not seen, which fake tensors refuse; lift_fresh_copy is how a constant made
+        # by torch.tensor(...) enters such a mode (a fake copy, a traced constant).
+        dictionary = torch.ops.aten.lift_fresh_copy.default(dictionary)
     return dictionary
 
 

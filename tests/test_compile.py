@@ -305,6 +305,46 @@ def test_torch_export_default_dictionary_dynamic_batch(strict):
     assert type(functional.default_dictionary(8, 12, 1, torch.device("cpu"))) is torch.Tensor
 
 
+def test_fake_tensor_mode_runs_the_default_dictionary_and_the_factories():
+    # Memory estimators and meta-style initialisation run whole models under a plain
+    # FakeTensorMode: the cached default dictionary (a real tensor) and the factories' range
+    # checks (real numbers) must not leak real tensors into it or read fake ones.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: PLC0415
+
+    with FakeTensorMode():
+        features = torch.randn(8, 5, requires_grad=True)
+        value = fierce_ext.entropy(features, bins=7, seed=0)
+        value.backward()
+        module = fierce_ext.FeatureEntropy(5, bins=7, heads=2)
+        per_head = module(torch.randn(8, 5))
+        dictionaries = (fierce_ext.uniform_dictionary(5, 7), fierce_ext.bin_dictionary(7, 1, 7))
+        with pytest.raises(ValueError, match="high=1e.39 is not representable"):
+            fierce_ext.uniform_dictionary(5, 7, high=1e39, dtype=torch.float32)
+    for tensor in (value, features.grad, per_head, module.dictionary, *dictionaries):
+        assert isinstance(tensor, FakeTensor)
+    assert value.shape == () and value.dtype == torch.float32
+    assert features.grad.shape == (8, 5) and per_head.shape == ()
+    assert [d.shape for d in dictionaries] == [(1, 5, 7), (1, 1, 7)]
+    assert type(functional.default_dictionary(5, 7, 1, torch.device("cpu"))) is torch.Tensor
+
+
+@pytest.mark.parametrize("tracing_mode", ["real", "fake", "symbolic"])
+def test_make_fx_traces_the_default_dictionary_as_a_constant(tracing_mode):
+    # make_fx (AOTAutograd's tracer) with fake tensors refused the cached real dictionary.
+    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
+
+    def value_and_grad(features):
+        features = features.detach().requires_grad_()
+        value = fierce_ext.entropy(features, bins=9, seed=2, estimator="gumbel_soft")
+        return value, torch.autograd.grad(value, features)[0]
+
+    graph = make_fx(value_and_grad, tracing_mode=tracing_mode)(torch.randn(12, 4))
+    for rows in (12, 12 if tracing_mode != "symbolic" else 20):
+        x = torch.randn(rows, 4)
+        for got, expected in zip(graph(x), value_and_grad(x)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 class _RecordOps(TorchDispatchMode):
     """Runs every op unchanged and records it; while active, fierce_ext takes its traced path."""
 
