@@ -108,6 +108,15 @@ _INV_LN2 = tl.constexpr(1 / math.log(2))
 # ---------------------------------------------------------------------------- shared pieces
 
 @_jit()
+def _feature_tile(r_ptr, stride_rb, stride_rd, rows, row_mask, d0, D, ACC: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Features r[rows, d0:d0 + BLOCK_D] in ACC, 0 outside the rows and D."""
+    ds = d0 + tl.arange(0, BLOCK_D)
+    return tl.load(r_ptr + rows[:, None] * stride_rb + ds[None, :] * stride_rd,
+                   mask=row_mask[:, None] & (ds < D)[None, :], other=0.0).to(ACC)
+
+
+@_jit()
 def _row_scale(r_ptr, stride_rb, stride_rd, rows, row_mask, D, ACC: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """a_b = 1 / max(|r_b|, NORM_EPS), accumulated in the compute dtype. A norm past its range
@@ -115,25 +124,19 @@ def _row_scale(r_ptr, stride_rb, stride_rd, rows, row_mask, D, ACC: tl.constexpr
     (an Inf entry gives NaN there, as in torch); the rare case costs two more passes."""
     sumsq = tl.zeros((BLOCK_B,), ACC)
     for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        r = tl.load(r_ptr + rows[:, None] * stride_rb + ds[None, :] * stride_rd,
-                    mask=row_mask[:, None] & (ds < D)[None, :], other=0.0).to(ACC)
+        r = _feature_tile(r_ptr, stride_rb, stride_rd, rows, row_mask, d0, D, ACC, BLOCK_D)
         sumsq += tl.sum(r * r, axis=1)
     norm = tl.sqrt(sumsq)
     overflow = norm == _INF
     if tl.max(overflow.to(tl.int32), axis=0) > 0:
         peak = tl.zeros((BLOCK_B,), ACC)
         for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            r = tl.load(r_ptr + rows[:, None] * stride_rb + ds[None, :] * stride_rd,
-                        mask=row_mask[:, None] & (ds < D)[None, :], other=0.0).to(ACC)
+            r = _feature_tile(r_ptr, stride_rb, stride_rd, rows, row_mask, d0, D, ACC, BLOCK_D)
             peak = tl.maximum(peak, tl.max(tl.abs(r), axis=1))
         peak = tl.where(overflow, peak, 1.0)  # no 0 / 0 in the rows that keep their norm
         sumsq = tl.zeros((BLOCK_B,), ACC)
         for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            r = tl.load(r_ptr + rows[:, None] * stride_rb + ds[None, :] * stride_rd,
-                        mask=row_mask[:, None] & (ds < D)[None, :], other=0.0).to(ACC)
+            r = _feature_tile(r_ptr, stride_rb, stride_rd, rows, row_mask, d0, D, ACC, BLOCK_D)
             r = r / peak[:, None]
             sumsq += tl.sum(r * r, axis=1)
         norm = tl.where(overflow, tl.sqrt(sumsq) * peak, norm)
