@@ -20,7 +20,7 @@
 #    tightening the tolerances, failed tests included;
 # 4. gpu-integration: tests/gpu/test_integration_gpu.py (opcheck, a compiled training step,
 #    autocast), sharded the same way;
-# 5. benchmark: `benchmarks/entropy_kernel.py` on the DESIGN.md shapes in fp32 and bf16, every
+# 5. benchmark: `benchmarks/entropy_kernel.py` on its CUDA shapes (few-shot ... xl) in fp32 and bf16, every
 #    backend but the paper's torch.compile, to $OUT/bench/ (the .json/.md rewritten after every
 #    case: a timeout keeps what was measured). Always given at least FIERCE_CHECK_BENCH_MIN
 #    seconds (default 90): the steps before it leave that much (plus the next step's and the
@@ -43,7 +43,7 @@
 # non-zero if any required step failed, timed out or was not run. The whole run is kept under
 # FIERCE_CHECK_BUDGET seconds (default 290: the check must take < 5 minutes).
 # Overrides: FIERCE_CHECK_PYTEST_ARGS (default "-q --maxfail=5"), FIERCE_CHECK_SHARDS (default 8),
-# FIERCE_CHECK_BENCH_ARGS (default: the DESIGN shapes in fp32,bf16), FIERCE_CHECK_BENCH_MIN
+# FIERCE_CHECK_BENCH_ARGS (default: the CUDA shapes in fp32,bf16), FIERCE_CHECK_BENCH_MIN
 # (default 90), FIERCE_CHECK_BENCH_CAP (the benchmark's timeout, default 150), PYTHON (default
 # python3), CUDA_HOME (default: /usr/local/cuda if it has bin/nvcc, else derived from the nvcc on
 # the PATH, else left to torch), TORCH_CUDA_ARCH_LIST (default 9.0).

@@ -107,7 +107,8 @@ def _say(message):
     """Print a line without breaking the progress bar."""
     (_tqdm.write if _tqdm else print)(message)
 
-# (B, D, C, K). The named shapes of DESIGN.md, plus reduced ones for CPUs and smoke runs.
+# (B, D, C, K). The paper's two shapes and three larger ones (the issues' targets name them),
+# plus reduced ones for CPUs and smoke runs.
 SHAPES = {
     "few-shot": (256, 640, 1, 100),
     "hyperspectral": (200, 100, 1, 100),
@@ -131,7 +132,7 @@ DEFAULT_DTYPES = {"cpu": ["fp32"], "cuda": ["fp32", "bf16"]}
 MATERIALISED = {"paper": 10, "paper-compiled": 10, "reference": 10}
 MATERIALISED_DISTANCE = {"paper": 4, "paper-compiled": 4, "reference": 2}
 MiB = 2**20
-# The dictionary's range per shape (DESIGN.md): uniform on [-1, 1) unless named here.
+# The dictionary's range per shape, as the paper draws it: uniform on [-1, 1) unless named here.
 DICTIONARY_RANGE = {"hyperspectral": (0.0, 1.0)}
 # The paper's code in float16: its guard 1e-21 underflows to 0, so an empty bin's
 # 0 * log2(0) makes the entropy NaN. Not timed: no speedup against a NaN baseline.

@@ -1,6 +1,6 @@
 """The baseline: FIERCE's feature entropy computed the way the paper's public code computes it.
 
-Written here from the description in ../DESIGN.md ("The paper's formulation"), not copied:
+Written here from a description of that code, not copied from it:
 
 1. the B x C x K similarity tensor with ONE einsum of the features (B, D) and the dictionary
    (C, D, K); for cosine, divided by the outer product of the feature norms and the atom norms;

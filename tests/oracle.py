@@ -1,7 +1,7 @@
 """Independent oracles the backends are tested against.
 
 * `oracle`: the FIERCE histogram and its gradient in float64 with plain torch autograd, written
-  from the definitions (DESIGN.md) and sharing no code with fierce_ext except the documented
+  from the definitions (README.md, The math) and sharing no code with fierce_ext except the documented
   noise rule (`fierce_ext.noise.gumbel_noise`, itself checked bit for bit against the numpy
   implementation below).
 * `numpy_random_words` / `numpy_gumbel`: the noise rule of fierce_ext/noise.py, re-implemented

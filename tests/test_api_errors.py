@@ -300,7 +300,7 @@ def test_non_finite_features_give_nan_entropy(backend, bad, similarity, estimato
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_non_finite_features_poison_whole_histogram(backend, bad, similarity, estimator):
-    # The backend contract (fierce_ext/backends/__init__.py, DESIGN.md): a row whose logits are
+    # The backend contract (fierce_ext/backends/__init__.py): a row whose logits are
     # not all finite makes the WHOLE histogram NaN, so that anything computed from p (an
     # all-reduce, a KL to uniform, a single bin) cannot come out finite.
     features, dictionary = _poisoned(bad, torch.float64)

@@ -16,7 +16,7 @@ Tolerance rule (eps = the compute dtype's epsilon: float64 for float64 features,
   distance, whose -|r|^2 term cancels only up to rounding) + 1000 eps |grad_b|, where
   dtol = 2 tol_z + 8 eps is the relative error of delta = y (G - yG) / (B tau) and
   m = y (|G - e| + sum_j y_j |G_j - mean G|) / (B tau) is |delta| plus the effect of an error in
-  e = sum_k y G (DESIGN.md's backward formulas), from the oracle's logits.
+  e = sum_k y G (README.md's backward formulas), from the oracle's logits.
 * The data keep the logits O(1) / tau apart between bins, as in training: a saturated softmax
   has a gradient below its own tolerance, and its check would pass a wrong (even zero) one.
 A wrong formula (sign, factor, noise index, missing term) is off by O(1) and fails: a 1% error

@@ -63,7 +63,7 @@ def test_straight_through_identity(backend, similarity, dtype):
 def test_gumbel_max_statistics(backend, similarity, tau=0.5):
     # B copies of one row: each copy's hard assignment is an independent Gumbel-max draw, so
     # each p[h,k] is a binomial proportion. Its mean is softmax(s), NOT softmax(s / tau): the
-    # logits are (s + g) / tau (DESIGN.md, and torch's gumbel_softmax the paper calls), and
+    # logits are (s + g) / tau (README.md, and torch's gumbel_softmax the paper calls), and
     # dividing by tau > 0 does not move the argmax; tau only shapes the soft sample/gradient.
     rows, heads, bins = 12000, 2, 6
     gen = torch.Generator().manual_seed(17)

@@ -5,7 +5,7 @@ cross-entropy, label smoothing or FIERCE, then measure how well the abundances (
 read from the network: the softmax output itself (raw MSE) and a linear softmax layer trained on the
 frozen 100-d features (transfer MSE), both on the test pixels.
 
-    python experiments/hyperspectral/run.py            # default scene, ~8 min on 2 CPU cores
+    python experiments/hyperspectral/run.py            # default scene, 3-6 min on 2 CPU cores
     python experiments/hyperspectral/run.py --quick    # CI-sized
     python experiments/hyperspectral/run.py --dataset pickle --data houston.pkl
 """

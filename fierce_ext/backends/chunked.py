@@ -2,7 +2,7 @@
 
 The batch is processed in chunks of rows. The forward keeps only the histogram and the per-row
 log-sum-exp of the logits; the backward recomputes each chunk's logits (same noise, from the
-seed) and turns dL/dp into dL/dr with the closed form of ../DESIGN.md:
+seed) and turns dL/dp into dL/dr with the closed form of README.md (The math):
 
     delta[b,h,k] = y[b,h,k] * (G[h,k] - sum_k' y[b,h,k'] G[h,k']) / (B * tau)
     dr_b         = a_b * sum_hk delta[b,h,k] v[h,:,k]  -  [cosine] a_b^2 (sum_hk delta s) r_b
