@@ -572,3 +572,40 @@ def test_emulated_non_finite_rows_poison_like_the_torch_backend(emu, estimator, 
     assert torch.isnan(grad[7]).all()
     others = torch.cat([grad[:7], grad[8:]])
     assert torch.isfinite(others).all()  # only the poisoned row's gradient is NaN
+
+
+SCHEDULES = ("reverse", "shuffle:1")
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bfloat16", "float64"])
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_emulated_kernels_give_the_same_bits_in_any_thread_order(emu, monkeypatch, mode,
+                                                                 similarity):
+    # The emulation runs threads in a fixed order between barriers and blocks one after another,
+    # which hides races (a missing barrier, a last block that is not the highest index). Other
+    # orders (FIERCE_EMU_SCHEDULE) must give the same bits: the kernels are race-free and
+    # deterministic, whichever thread or block runs first.
+    features, dictionary = _case(similarity, seed=11)
+    args = (emu, mode, features, dictionary, similarity)
+
+    def everything():
+        out = []
+        for estimator in ESTIMATORS:
+            common = (0.8, 31, 2)
+            two = emulated_forward(*args, estimator, *common, groups=2)
+            one = emulated_forward(*args, estimator, *common, groups=2, one_launch=True,
+                                   reduction="mean")
+            grad_histogram = torch.randn(two[0].shape,
+                                         generator=torch.Generator().manual_seed(5))
+            out += [*two, *one, emulated_backward(emu, mode, grad_histogram, features,
+                                                  dictionary, two[1], similarity, estimator,
+                                                  *common)]
+        return out
+
+    monkeypatch.delenv("FIERCE_EMU_SCHEDULE", raising=False)
+    expected = everything()
+    for schedule in SCHEDULES:
+        monkeypatch.setenv("FIERCE_EMU_SCHEDULE", schedule)
+        for got, want in zip(everything(), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m: f"{schedule}: {m}")

@@ -9,6 +9,11 @@
 // fragment elements through fill/load/store/mma and an elementwise tf32 rounding). Dynamic shared
 // memory starts filled with 0xFF bytes (NaN floats) to expose reads before writes.
 //
+// FIERCE_EMU_SCHEDULE (read at each launch) changes the order, to expose races that a fixed order
+// hides: "reverse" runs the blocks and, in every round, the threads in reverse order (the last
+// block to finish is block 0); "shuffle:N" draws a new order of threads per round and of blocks
+// per launch from the seed N. Race-free kernels give the same bits in every schedule.
+//
 // Not emulated: timing, memory-ordering bugs that real hardware could expose (races are only
 // found when they change results here), the hardware's accumulation order inside an MMA, and the
 // last bits of the CUDA math library (glibc's expf/logf are used).
@@ -24,6 +29,10 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <algorithm>
+#include <numeric>
+#include <random>
+#include <string>
 #include <vector>
 
 #define __global__
@@ -323,6 +332,34 @@ inline unsigned char* shared_memory() { return current_block->shared; }
 
 constexpr size_t kFiberStack = 256 * 1024;
 
+// The launch's schedule (FIERCE_EMU_SCHEDULE): 0 forward, 1 reverse, 2 shuffle (seed).
+struct Schedule {
+  int kind = 0;
+  uint64_t seed = 0;
+  static Schedule from_environment() {
+    Schedule schedule;
+    const char* value = std::getenv("FIERCE_EMU_SCHEDULE");
+    if (value == nullptr) return schedule;
+    const std::string text(value);
+    if (text == "reverse") schedule.kind = 1;
+    if (text.rfind("shuffle:", 0) == 0) {
+      schedule.kind = 2;
+      schedule.seed = std::strtoull(text.c_str() + 8, nullptr, 10);
+    }
+    return schedule;
+  }
+  // An order of 0 .. n-1 for round `round` of `block` (blocks: block = ~0).
+  void order(std::vector<unsigned>& out, unsigned n, uint64_t block, uint64_t round) const {
+    out.resize(n);
+    std::iota(out.begin(), out.end(), 0u);
+    if (kind == 1) std::reverse(out.begin(), out.end());
+    if (kind == 2) {
+      std::mt19937_64 generator(seed * 0x9E3779B97F4A7C15ull ^ (block << 20) ^ round);
+      std::shuffle(out.begin(), out.end(), generator);
+    }
+  }
+};
+
 template <typename Entry>
 struct FiberStart {
   static void run(unsigned low, unsigned high) {
@@ -348,7 +385,11 @@ inline void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, s
   auto entry = [&]() { kernel(args...); };
   using Entry = decltype(entry);
   const uintptr_t address = reinterpret_cast<uintptr_t>(&entry);
-  for (unsigned b = 0; b < grid && last_error == 0; ++b) {
+  const Schedule schedule = Schedule::from_environment();
+  std::vector<unsigned> block_order, thread_order;
+  schedule.order(block_order, grid, ~0ull, 0);
+  for (unsigned i = 0; i < grid && last_error == 0; ++i) {
+    const unsigned b = block_order[i];
     std::fill(shared.begin(), shared.end(), static_cast<unsigned char>(0xFF));  // NaN floats
     BlockState block;
     block.shared = aligned;
@@ -376,10 +417,12 @@ inline void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, s
     // Round robin until every fiber is done; a full round in which no barrier moved and no fiber
     // finished is a deadlock.
     unsigned finished = 0;
+    uint64_t round = 0;
     while (finished < threads) {
       const uint64_t before = block.arrivals;
       unsigned finished_before = finished;
-      for (unsigned t = 0; t < threads; ++t) {
+      schedule.order(thread_order, threads, b, round++);
+      for (const unsigned t : thread_order) {
         if (block.fibers[t].done) continue;
         block.current = t;
         threadIdx = Dim3{t, 0, 0};
