@@ -1,6 +1,6 @@
 // Fused CUDA kernels of the FIERCE histogram (forward) and its gradient (backward).
 //
-// The math is fierce_ext/backends/chunked.py's (see DESIGN.md): with the projected dictionary v
+// The math is fierce_ext/backends/chunked.py's (README.md, The math): with the projected dictionary v
 // (stored bins-major as vt[h][k][:]), the bias c and the row scale a_b (1/|r_b| for cosine),
 //
 //   s[b,h,k] = a_b (r_b . v_hk) + c_hk          z = (s + g) / tau   (g = 0 for "softmax")

@@ -530,7 +530,7 @@ def test_emulated_one_launch_rule_covers_the_paper_shapes(emu):
     # GPU; a large problem does not.
     for rows, heads, bins in ((256, 1, 100), (200, 1, 100)):
         assert emu.fierce_emu_one_launch_forward(-(-rows // TILE_ROWS), heads, bins) == 1
-    assert emu.fierce_emu_one_launch_forward(66, 8, 256) == 0  # DESIGN's "mid" on 132 SMs
+    assert emu.fierce_emu_one_launch_forward(66, 8, 256) == 0  # the benchmark's "mid" on 132 SMs
 
 
 def test_emulated_many_bins_single_head(emu):

@@ -49,7 +49,7 @@ triton = fused_triton.triton
 # Shared memory one block may use, per architecture (bytes; the opt-in maximum).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-# (rows, dim, heads, bins): the benchmark's DESIGN.md shapes, the paper's 1-D age case, and a
+# (rows, dim, heads, bins): the benchmark's CUDA shapes, the paper's 1-D age case, and a
 # ragged one (nothing a multiple of 16).
 SHAPES = {name: BENCHMARK_SHAPES[name]
           for name in ("few-shot", "hyperspectral", "mid", "large", "xl")}
@@ -126,7 +126,7 @@ def tensor_core_use(ptx: str) -> str | None:
 
 def cases(full: bool):
     """(shape, dtype, precision, similarity, estimator): every constexpr value and every
-    DESIGN.md shape at least once; with full=True the whole product."""
+    benchmark shape at least once; with full=True the whole product."""
     similarities, estimators = ("dot", "cosine", "distance"), fused_triton.ESTIMATORS
     if full:
         for shape, dtype in itertools.product(SHAPES, DTYPES):

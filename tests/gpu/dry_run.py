@@ -47,7 +47,7 @@ SUBSTITUTIONS = {
     "test_triton_gpu.py": [
         (_TRITON_SKIP, ""),
         ('DEVICE = torch.device("cuda")', 'DEVICE = torch.device("cpu")'),
-        ("DESIGN = (8192, 512, 4, 256)", "DESIGN = (200, 40, 2, 140)"),
+        ("ALIGNED = (8192, 512, 4, 256)", "ALIGNED = (200, 40, 2, 140)"),
         ("RAGGED = (8191, 509, 3, 250)", "RAGGED = (203, 37, 3, 150)"),
         ("(1024, 64, 2, 4096)", "(64, 8, 1, 600)"),
         ("torch.rand(4096, 1,", "torch.rand(300, 1,"),

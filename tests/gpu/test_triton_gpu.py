@@ -60,7 +60,7 @@ MODES = {
 }
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24,
                  torch.float64: 2.0**-53}
-DESIGN = (8192, 512, 4, 256)   # B, D, C, K
+ALIGNED = (8192, 512, 4, 256)  # B, D, C, K, all multiples of 16
 RAGGED = (8191, 509, 3, 250)   # nothing a multiple of 16 (K not of 4)
 SIMILARITIES = ("dot", "cosine", "distance")
 ESTIMATORS = ("gumbel_hard", "gumbel_soft", "softmax")
@@ -203,7 +203,7 @@ def test_ragged_float32_every_similarity_and_estimator(mode, similarity, estimat
 def test_low_precision_no_worse_than_paper_eager(mode, estimator):
     name, dtype, u = mode
     similarity, tau = "cosine", 1.0  # the paper's configuration
-    features, dictionary, grad = make_problem(DESIGN, dtype, similarity, seed=2)
+    features, dictionary, grad = make_problem(ALIGNED, dtype, similarity, seed=2)
     args = (similarity, estimator, tau, 12345, 0)
     result = run_triton(features, dictionary, grad, *args)
     want = oracle64(features, dictionary, grad, *args)
@@ -244,7 +244,7 @@ def test_float64_matches_torch_backend(estimator):
 def test_hard_histogram_matches_torch_backend_float32(mode):
     # Same fp32 data, both exact fp32: only near-tie rows may differ (see the module docstring).
     _, dtype, _ = mode
-    features, dictionary, _ = make_problem(DESIGN, dtype, "cosine", seed=4)
+    features, dictionary, _ = make_problem(ALIGNED, dtype, "cosine", seed=4)
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -254,9 +254,9 @@ def test_hard_histogram_matches_torch_backend_float32(mode):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     z, *_ = projected_logits64(features, dictionary, *args)
-    zerr = (2 * (DESIGN[1] + 2) * 2.0**-24) * (math.sqrt(DESIGN[1]) + 17) / 0.5
+    zerr = (2 * (ALIGNED[1] + 2) * 2.0**-24) * (math.sqrt(ALIGNED[1]) + 17) / 0.5
     ties = (top2_margin(z) < 2 * zerr).sum(dim=0).double()
-    flips = flipped_rows(hist, want.double(), DESIGN[0])
+    flips = flipped_rows(hist, want.double(), ALIGNED[0])
     assert (flips <= ties + 0.25).all(), (flips, ties)  # flips are whole rows
 
 
@@ -291,7 +291,7 @@ def test_many_bins(mode):
 @pytest.mark.parametrize("mode", ["bfloat16", "tf32"], indirect=True)
 def test_bitwise_deterministic(mode):
     _, dtype, _ = mode
-    features, dictionary, grad = make_problem(DESIGN, dtype, "cosine", seed=7)
+    features, dictionary, grad = make_problem(ALIGNED, dtype, "cosine", seed=7)
     for estimator in ("gumbel_hard", "gumbel_soft"):
         args = ("cosine", estimator, 1.0, 31337, 0)
         first = run_triton(features, dictionary, grad, *args)
@@ -304,7 +304,7 @@ def test_bitwise_deterministic(mode):
 def test_backward_chunks_do_not_change_the_gradient(mode, monkeypatch):
     # Rows are independent in the gradient GEMM: 64 chunks of 128 rows give the same bits.
     _, dtype, _ = mode
-    features, dictionary, grad = make_problem(DESIGN, dtype, "cosine", seed=8)
+    features, dictionary, grad = make_problem(ALIGNED, dtype, "cosine", seed=8)
     args = ("cosine", "gumbel_soft", 1.0, 8, 0)
     _, lse, one_chunk = run_triton(features, dictionary, grad, *args)
     monkeypatch.setattr(ft, "SCRATCH_MIN_BYTES", 1)
@@ -317,13 +317,13 @@ def test_backward_chunks_do_not_change_the_gradient(mode, monkeypatch):
 def test_row_offset_splits_the_batch(mode):
     # Two halves with row_offset draw the noise of the whole batch: the counts add up exactly.
     _, dtype, _ = mode
-    features, dictionary, _ = make_problem(DESIGN, dtype, "cosine", seed=9)
+    features, dictionary, _ = make_problem(ALIGNED, dtype, "cosine", seed=9)
     args = ("cosine", "gumbel_hard", 1.0, 4, 1000)
     whole, _ = ft.histogram_forward(features, dictionary, *args)
-    half = DESIGN[0] // 2
+    half = ALIGNED[0] // 2
     first, _ = ft.histogram_forward(features[:half], dictionary, *args)
     second, _ = ft.histogram_forward(features[half:], dictionary, *args[:-1], 1000 + half)
-    assert torch.equal(whole * DESIGN[0], first * half + second * (DESIGN[0] - half))
+    assert torch.equal(whole * ALIGNED[0], first * half + second * (ALIGNED[0] - half))
 
 
 # ---------------------------------------------------------------------- poisoning, memory, API
@@ -345,7 +345,7 @@ def test_non_finite_row_poisons_the_histogram_only(mode, estimator):
 
 @pytest.mark.parametrize("mode", ["tf32"], indirect=True)
 def test_extra_memory_of_forward_and_backward(mode):
-    # The `large` shape of DESIGN.md: the target is extra memory <= 1.2x the gradient's size.
+    # The benchmark's `large` shape: the target is extra memory <= 1.2x the gradient's size.
     _, dtype, _ = mode
     rows, dim, heads, bins = 65536, 1024, 4, 256
     gen = torch.Generator(device=DEVICE).manual_seed(11)
