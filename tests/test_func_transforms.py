@@ -114,9 +114,14 @@ def test_default_dictionary_drawn_under_vmap_stays_a_plain_tensor():
     # The cached default dictionary of a new dim is first drawn inside the transform.
     dim = 13
     functional._cached_dictionary.cache_clear()
-    mapped = vmap(lambda x: fierce_ext.entropy(x, bins=7, seed=1))(torch.randn(2, 16, dim))
-    plain = torch.stack([fierce_ext.entropy(x, bins=7, seed=1) for x in torch.randn(2, 16, dim)])
+    xs = torch.randn(2, 16, dim)
+    mapped = vmap(lambda x: fierce_ext.entropy(x, bins=7, seed=1))(xs)
+    # The mapped call must use that very dictionary: each slice's entropy is the plain call's on
+    # the same features with the explicit default dictionary (drawn outside any transform).
+    explicit = fierce_ext.uniform_dictionary(dim, 7)
+    plain = torch.stack([fierce_ext.entropy(x, explicit, seed=1) for x in xs])
     assert mapped.shape == plain.shape == (2,)
+    torch.testing.assert_close(mapped, plain, rtol=0, atol=0)
     dictionary = functional.default_dictionary(dim, 7, 1, torch.device("cpu"))
     assert type(dictionary) is torch.Tensor
     torch.testing.assert_close(dictionary, fierce_ext.uniform_dictionary(dim, 7), rtol=0, atol=0)

@@ -41,7 +41,10 @@ def test_feature_entropy_state_dict_round_trip(backend):
     fresh.load_state_dict(torch.load(buffer))
     assert torch.equal(fresh.dictionary, custom)
     features = torch.randn(32, 8)
-    assert torch.equal(module(features, seed=4), fresh(features, seed=4))
+    # Both compute with the custom dictionary (not a default one): the function's value on it.
+    expected = fierce_ext.entropy(features, custom, seed=4, backend=backend)
+    assert torch.equal(module(features, seed=4), expected)
+    assert torch.equal(fresh(features, seed=4), expected)
 
 
 def test_feature_entropy_dictionary_is_a_copy():
@@ -122,6 +125,31 @@ def test_fierce_loss_is_ce_minus_lambda_h(backend, estimator):
     assert features.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("similarity,estimator,tau", [("dot", "gumbel_soft", 0.5),
+                                                      ("distance", "softmax", 2.0),
+                                                      ("cosine", "gumbel_hard", 0.25)])
+def test_modules_pass_their_options_to_the_function(backend, similarity, estimator, tau):
+    # Every other module test keeps the default similarity (and most the default estimator and
+    # tau): a module that dropped one of them would go unnoticed.
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(24, 6, generator=gen, requires_grad=True)
+    options = dict(similarity=similarity, estimator=estimator, tau=tau, backend=backend)
+    module = fierce_ext.FeatureEntropy(6, bins=9, heads=2, **options)
+    expected = fierce_ext.entropy(features, module.dictionary, seed=3, reduction="none",
+                                  **options)
+    got = module(features, seed=3, reduction="none")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(got.sum(), features)
+    (want,) = torch.autograd.grad(expected.sum(), features)
+    torch.testing.assert_close(grad, want, rtol=0, atol=0)
+    logits, target = torch.randn(24, 4, generator=gen), torch.randint(0, 4, (24,), generator=gen)
+    loss_fn = fierce_ext.FIERCELoss(6, lam=0.5, bins=9, heads=2, **options)
+    h = fierce_ext.entropy(features, loss_fn.feature_entropy.dictionary, seed=3, **options)
+    torch.testing.assert_close(loss_fn(logits, target, features, seed=3),
+                               nn.functional.cross_entropy(logits, target) - 0.5 * h,
+                               rtol=0, atol=0)
+
+
 def test_fierce_loss_custom_criterion():
     criterion = nn.MSELoss()
     loss_fn = fierce_ext.FIERCELoss(4, lam=2.0, criterion=criterion, bins=5,
@@ -141,7 +169,10 @@ def test_reduction_none_shape_and_mean(backend):
     assert per_head.shape == (3,) and mean.shape == ()
     torch.testing.assert_close(per_head.mean(), mean)
     module = fierce_ext.FeatureEntropy(7, bins=11, heads=3, backend=backend)
-    assert module(features, seed=1, reduction="none").shape == (3,)
+    # Its default dictionary is uniform_dictionary(7, 11, 3, seed=0), the one used above: the
+    # module's per-head values are the function's, not merely of its shape.
+    torch.testing.assert_close(module(features, seed=1, reduction="none"), per_head,
+                               rtol=0, atol=0)
 
 
 def test_entropy_matches_oracle_entropy(backend):
@@ -168,6 +199,10 @@ def test_default_dictionary_path_and_cache(backend):
     h2 = fierce_ext.entropy(features, bins=17, heads=2, seed=2, reduction="none",
                             backend=backend)
     assert h2.shape == (2,) and bool((h2 <= math.log2(17) + 1e-5).all())
+    # bins/heads other than the defaults: still uniform_dictionary(D, bins, heads, seed=0).
+    torch.testing.assert_close(h2, fierce_ext.entropy(
+        features, fierce_ext.uniform_dictionary(9, bins=17, heads=2, seed=0), seed=2,
+        reduction="none", backend=backend), rtol=0, atol=0)
     module = fierce_ext.FeatureEntropy(9)
     assert torch.equal(module.dictionary, explicit)
 
