@@ -110,10 +110,10 @@ class FIERCELoss(nn.Module):
     """criterion(logits, target) - lam * H(features): cross-entropy by default.
 
     forward(logits, target, features, seed=None) returns the loss; the last entropy is kept in
-    `self.last_entropy` (detached) for logging (under CUDA graphs, torch.compile's
-    "reduce-overhead", the next replay overwrites it: read or clone it before the next step).
-    Keyword arguments go to `FeatureEntropy`
-    (bins, heads, similarity, estimator, tau, dictionary, backend, sync, process_group).
+    `self.last_entropy` (detached) for logging; under CUDA graphs (torch.compile's
+    "reduce-overhead") the next replay overwrites it, so read or clone it before the next step.
+    Keyword arguments go to `FeatureEntropy` (bins, heads, similarity, estimator, tau,
+    dictionary, backend, sync, process_group).
     With `sync=True` under DDP, the entropy term is that of the global batch (see
     `fierce_ext.distributed`); the criterion stays per rank, as usual with DDP.
     """
