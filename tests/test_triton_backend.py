@@ -595,6 +595,24 @@ def test_rejects_unknown_estimator_and_similarity():
         ft.histogram_forward(features, dictionary, "euclid", "softmax", 1.0, 0, 0)
 
 
+@pytest.mark.parametrize("heads, dim, bins, named", [
+    (ft.MAX_GRID_Y + 1, 1, 1, r"heads \(dictionary.shape\[0\]\)"),
+    (1, 1, 128 * ft.MAX_GRID_Y + 1, r"bins \(dictionary.shape\[2\]\)"),
+    (1, 128 * ft.MAX_GRID_Y + 1, 1, r"feature dimensions \(dictionary.shape\[1\]\)"),
+])
+def test_sizes_beyond_the_launch_grid_are_an_error(heads, dim, bins, named):
+    # CUDA launches at most 65535 programs on a grid's second axis; the interpreter has no such
+    # limit, so without this check these sizes would run here and fail only on a GPU.
+    features = torch.zeros(2, dim)
+    dictionary = torch.zeros(heads, dim, bins)
+    with pytest.raises(ValueError, match=named + r".*backend='torch'"):
+        ft.histogram_forward(features, dictionary, "dot", "softmax", 1.0, 0, 0)
+    with pytest.raises(ValueError, match=r"heads \(dictionary"):
+        ft.noise_words(0, 1, ft.MAX_GRID_Y + 1, 1, device=torch.device("cpu"))
+    # The largest sizes the grid takes pass the check (nothing is launched here).
+    ft._check_grid(ft.MAX_GRID_Y, 128 * ft.MAX_GRID_Y, 128 * ft.MAX_GRID_Y)
+
+
 def test_precision_setting_is_validated(monkeypatch):
     monkeypatch.delenv("FIERCE_EXT_FP32_PRECISION", raising=False)
     assert fp32_precision() == "tf32" and fp32_precision("cosine") == "tf32"

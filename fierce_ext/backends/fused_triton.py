@@ -95,6 +95,11 @@ MAX_ROW_PROGRAMS = 1024
 # with tile size. Tests lower them to exercise the multi-tile and multi-block paths cheaply.
 INTERPRETER_MAX_BLOCK = {"rows": 128, "bins": 256, "dim": 256}
 
+# CUDA's limit on a grid's second axis, which runs over heads (forward, backward softmax, noise),
+# tiles of up to 128 bins (reduce) and of up to 128 feature columns (gradient).
+MAX_GRID_Y = 65535
+_MAX_TILE = 128
+
 _MASK32 = 0xFFFFFFFF
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -624,6 +629,7 @@ class _Projected:
 
     def __init__(self, dictionary, similarity, compute, dot_dtype, round_tf32):
         heads, dim, bins = dictionary.shape
+        _check_grid(heads, bins, dim)
         v, bias = project_dictionary(dictionary, similarity, compute)
         if heads * bins * _round_up16(dim) >= 2**31:
             raise ValueError(f"dictionary of shape {tuple(dictionary.shape)} is too large for "
@@ -637,6 +643,19 @@ class _Projected:
         self.bias = (torch.zeros(heads, bins, dtype=compute, device=dictionary.device)
                      if bias is None else bias.contiguous())
         self.heads, self.dim, self.bins = heads, dim, bins
+
+
+def _check_grid(heads: int, bins: int, dim: int) -> None:
+    """ValueError for sizes whose launch would exceed CUDA's grid limit (the cuda backend's
+    grids are one-dimensional: it has no such limit)."""
+    for name, size, per_program in (("heads (dictionary.shape[0])", heads, 1),
+                                    ("bins (dictionary.shape[2])", bins, _MAX_TILE),
+                                    ("feature dimensions (dictionary.shape[1])", dim, _MAX_TILE)):
+        if size > MAX_GRID_Y * per_program:
+            raise ValueError(
+                f"the Triton backend handles at most {MAX_GRID_Y * per_program} {name} (its "
+                f"kernels' grids have {MAX_GRID_Y} programs at most on their second axis), got "
+                f"{size}; use backend='cuda' or backend='torch'")
 
 
 def _projected(dictionary, similarity, compute, dot_dtype, round_tf32) -> _Projected:
@@ -854,6 +873,7 @@ def noise_words(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0
     reason = unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(f"backend 'triton' cannot run on {device}: {reason}")
+    _check_grid(heads, bins, 1)
     out = torch.empty(rows, heads, bins, dtype=torch.int64, device=device)
     if _interpreting():
         block_b = _pow2(rows, 16, INTERPRETER_MAX_BLOCK["rows"])
