@@ -19,6 +19,20 @@ struct PhiloxWords {
   uint32_t x[4];
 };
 
+// a * b as two words: returns the low one and stores the high one. On the GPU __umulhi and a low
+// multiply; on the host (noise_cpu.cpp, the kernel emulator) one 64-bit product, which takes
+// half the instructions of separate high and low multiplies there.
+__device__ __forceinline__ uint32_t mul_hi_lo(uint32_t a, uint32_t b, uint32_t* high) {
+#if defined(__CUDA_ARCH__)
+  *high = __umulhi(a, b);
+  return a * b;
+#else
+  const uint64_t product = static_cast<uint64_t>(a) * b;
+  *high = static_cast<uint32_t>(product >> 32);
+  return static_cast<uint32_t>(product);
+#endif
+}
+
 __device__ __forceinline__ PhiloxWords philox4x32_10(uint64_t counter, uint64_t seed) {
   uint32_t c0 = static_cast<uint32_t>(counter);
   uint32_t c1 = static_cast<uint32_t>(counter >> 32);
@@ -30,10 +44,9 @@ __device__ __forceinline__ PhiloxWords philox4x32_10(uint64_t counter, uint64_t 
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
-    const uint32_t hi0 = __umulhi(0xD2511F53u, c0);
-    const uint32_t lo0 = 0xD2511F53u * c0;
-    const uint32_t hi1 = __umulhi(0xCD9E8D57u, c2);
-    const uint32_t lo1 = 0xCD9E8D57u * c2;
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mul_hi_lo(0xD2511F53u, c0, &hi0);
+    const uint32_t lo1 = mul_hi_lo(0xCD9E8D57u, c2, &hi1);
     const uint32_t next0 = hi1 ^ c1 ^ k0;
     const uint32_t next2 = hi0 ^ c3 ^ k1;
     c0 = next0;
@@ -51,9 +64,12 @@ __device__ __forceinline__ PhiloxWords philox4x32_10(uint64_t counter, uint64_t 
   return out;
 }
 
-// u = (2 * (x >> 9) + 1) * 2^-24: exact in float (24 significant bits), never 0 or 1.
+// u = (2 * (x >> 9) + 1) * 2^-24: exact in float (24 significant bits), never 0 or 1. The odd
+// integer is below 2^24, so it converts from int32 exactly (x86 converts int32 to float in one
+// instruction, uint32 in several).
 template <typename T> __device__ __forceinline__ T uniform_from_word(uint32_t word) {
-  return static_cast<T>(((word >> 9) << 1) + 1u) * static_cast<T>(5.9604644775390625e-08);
+  return static_cast<T>(static_cast<int32_t>(((word >> 9) << 1) + 1u)) *
+         static_cast<T>(5.9604644775390625e-08);
 }
 
 __device__ __forceinline__ float gumbel_from_word(uint32_t word, float /*tag*/) {
