@@ -151,7 +151,7 @@ _warned_numpy_noise = False
 
 def compiled_uniform():
     """The compiled CPU op that writes the rule's u (fierce_ext._C, csrc/noise_cpu.cpp), or None
-    when the extension is missing: the words are then computed in numpy, the same bits ~4x
+    when the extension is missing: the words are then computed in numpy, the same bits ~5x
     slower."""
     global _compiled_uniform
     if _compiled_uniform is _UNSET:
@@ -182,7 +182,7 @@ def _warn_numpy_noise_once() -> None:
     if not _warned_numpy_noise:
         _warned_numpy_noise = True
         why = _extension.load() or "fierce_ext._C does not register philox_uniform_"
-        warnings.warn(f"fierce_ext draws the CPU noise in numpy, the same bits about 4x slower "
+        warnings.warn(f"fierce_ext draws the CPU noise in numpy, the same bits about 5x slower "
                       f"than the compiled op: {why}", RuntimeWarning, stacklevel=3)
 
 
