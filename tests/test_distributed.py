@@ -17,6 +17,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
+import traceback
 
 import pytest
 import torch
@@ -55,8 +57,21 @@ def _bootstrap(rank, worker, port, *args):
         dist.barrier()
         worker(rank, *args)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()  # to the test's captured stderr; mp.spawn reports the exit code
+        _leave(1)
+    _leave(0)
+
+
+def _leave(status: int) -> None:
+    """End a worker without destroying its process group, neither here nor at interpreter exit:
+    before torch 2.8, ProcessGroupGloo's destructor holds the GIL while it waits for a gloo
+    thread that may need the GIL to free a tensor of a finished collective (pytorch/pytorch
+    #56297, fixed by #154976). That deadlock hung a CI run on torch 2.4.1 for good. After the
+    final barrier every collective is done, so nothing is lost."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _split(full, sizes, rank):
