@@ -96,9 +96,9 @@ MAX_ROW_PROGRAMS = 1024
 INTERPRETER_MAX_BLOCK = {"rows": 128, "bins": 256, "dim": 256}
 
 # CUDA's limit on a grid's second axis, which runs over heads (forward, backward softmax, noise),
-# tiles of up to 128 bins (reduce) and of up to 128 feature columns (gradient).
+# the reduce's bin tiles and the gradient's feature-column tiles, each at most _GRID_Y_TILE wide.
 MAX_GRID_Y = 65535
-_MAX_TILE = 128
+_GRID_Y_TILE = 128
 
 _MASK32 = 0xFFFFFFFF
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -649,8 +649,8 @@ def _check_grid(heads: int, bins: int, dim: int) -> None:
     """ValueError for sizes whose launch would exceed CUDA's grid limit (the cuda backend's
     grids are one-dimensional: it has no such limit)."""
     for name, size, per_program in (("heads (dictionary.shape[0])", heads, 1),
-                                    ("bins (dictionary.shape[2])", bins, _MAX_TILE),
-                                    ("feature dimensions (dictionary.shape[1])", dim, _MAX_TILE)):
+                                    ("bins (dictionary.shape[2])", bins, _GRID_Y_TILE),
+                                    ("feature dimensions (dictionary.shape[1])", dim, _GRID_Y_TILE)):
         if size > MAX_GRID_Y * per_program:
             raise ValueError(
                 f"the Triton backend handles at most {MAX_GRID_Y * per_program} {name} (its "
@@ -698,7 +698,7 @@ def _grad_config(dot_dtype, rows, dim, heads, bins, device):
     if dot_dtype == torch.float64:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16), dict(num_warps=4, num_stages=2)
     block_k = 64 if dot_dtype in (torch.float16, torch.bfloat16) else 32
-    block_n = _pow2(dim, 16, 128)
+    block_n = _pow2(dim, 16, _GRID_Y_TILE)
     tiles = _cdiv(rows, 128) * _cdiv(dim, block_n)
     block_m = 128 if tiles >= _multiprocessors(device) else 64
     return (dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_pow2(heads * bins, 16, block_k)),
@@ -749,7 +749,7 @@ def _forward(features, dictionary, similarity, estimator, tau, seed, row_offset,
         reduce_blocks = dict(BLOCK_N=_pow2(programs, 16, cap["rows"]),
                              BLOCK_K=_pow2(bins, 16, cap["bins"]))
     else:
-        reduce_blocks = dict(BLOCK_N=32, BLOCK_K=_pow2(bins, 16, 128))
+        reduce_blocks = dict(BLOCK_N=32, BLOCK_K=_pow2(bins, 16, _GRID_Y_TILE))
     one_program = programs * heads * bins <= REDUCE_ONE_PROGRAM_ENTRIES
     reduce_grid = (1, 1) if one_program else (heads, _cdiv(bins, reduce_blocks["BLOCK_K"]))
     with _device_guard(device):
@@ -873,7 +873,7 @@ def noise_words(seed: int, rows: int, heads: int, bins: int, row_offset: int = 0
     reason = unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(f"backend 'triton' cannot run on {device}: {reason}")
-    _check_grid(heads, bins, 1)
+    _check_grid(heads, 1, 1)  # its grid's second axis is the heads
     out = torch.empty(rows, heads, bins, dtype=torch.int64, device=device)
     if _interpreting():
         block_b = _pow2(rows, 16, INTERPRETER_MAX_BLOCK["rows"])
