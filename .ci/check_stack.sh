@@ -113,7 +113,7 @@ env "${build_env[@]}" MAX_JOBS="${MAX_JOBS:-2}" \
 "$venv/bin/python" -m fierce_ext | sed -n 1,6p
 "$venv/bin/python" -c "from fierce_ext import noise, _extension
 assert noise.compiled_uniform() is not None, _extension.load() or 'philox_uniform_ not registered'"
-# 25 minutes (~5 on a slow day): a hang ends with pytest's traceback (SIGINT), not CI's limit.
+# 25 minutes (a run takes up to ~8 in CI): a hang ends with pytest's traceback (SIGINT), not CI's limit.
 env "${test_env[@]}" timeout -s INT -k 60 1500 \
     "$venv/bin/python" -m pytest tests -q -p no:cacheprovider "${pytest_args[@]}"
 echo "stack check ($stack): $((SECONDS - start)) s"
