@@ -60,4 +60,6 @@ def build() -> ctypes.CDLL:
                                         u64, p, p, i]
     lib.fierce_emu_philox.argtypes = [u64, u64, p]
     lib.fierce_emu_one_launch_forward.argtypes = [i64, i64, i64]
+    lib.fierce_emu_check_barrier_rounds.argtypes = [i, i, i, p]
+    lib.fierce_emu_check_skipped_barrier.argtypes = [i, p]
     return lib

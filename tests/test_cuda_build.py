@@ -609,3 +609,33 @@ def test_emulated_kernels_give_the_same_bits_in_any_thread_order(emu, monkeypatc
         for got, want in zip(everything(), expected):
             torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
                                        msg=lambda m: f"{schedule}: {m}")
+
+
+@pytest.mark.parametrize("schedule", [None, *SCHEDULES])
+def test_emulator_keeps_each_threads_locals_across_barriers(emu, monkeypatch, schedule):
+    # The emulation's own contract, which every kernel test above relies on: each fiber resumes
+    # after a barrier with its locals intact and sees what the others wrote before it. Ragged
+    # thread counts leave a partial warp; stacks are reused from block to block.
+    if schedule is None:
+        monkeypatch.delenv("FIERCE_EMU_SCHEDULE", raising=False)
+    else:
+        monkeypatch.setenv("FIERCE_EMU_SCHEDULE", schedule)
+    grid, threads, rounds = 3, 70, 6
+    out = (ctypes.c_int64 * (grid * threads))()
+    assert emu.fierce_emu_check_barrier_rounds(grid, threads, rounds, out) == 0
+    for block in range(grid):
+        values = [block * 1000 + t for t in range(threads)]
+        for _ in range(rounds):
+            values = [3 * values[t] + values[(t + 1) % threads] for t in range(threads)]
+        assert list(out[block * threads:(block + 1) * threads]) == values, f"block {block}"
+
+
+def test_emulator_fails_a_launch_whose_barrier_some_threads_skip(emu, capfd):
+    reached = (ctypes.c_int * 64)()
+    assert emu.fierce_emu_check_skipped_barrier(64, reached) != 0
+    assert "deadlock in block 0: 32 of 64 threads finished" in capfd.readouterr().err
+    assert list(reached) == [0] * 64
+    # The error is reported once and the next launch runs normally.
+    out = (ctypes.c_int64 * 32)()
+    assert emu.fierce_emu_check_barrier_rounds(1, 32, 1, out) == 0
+    assert list(out) == [3 * t + (t + 1) % 32 for t in range(32)]

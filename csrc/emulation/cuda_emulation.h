@@ -2,12 +2,13 @@
 // (tiling, bounds, barriers, warp reductions, online log-sum-exp, partial sums) runs and is tested
 // on machines without a GPU. Compile fierce_kernels.cu as C++20 with -DFIERCE_EMULATE.
 //
-// Each block runs as blockDim.x cooperative fibers (ucontext) on the calling thread, switched at
-// every barrier (__syncthreads, and the per-warp exchange of the shuffles); a barrier that some
-// threads of the block skip is detected as a deadlock and fails the launch. Blocks run one after
-// another, threads in a fixed order, so runs are deterministic. WMMA fragments hold the whole 16 x 16 tile in every lane (the kernels only touch
-// fragment elements through fill/load/store/mma and an elementwise tf32 rounding). Dynamic shared
-// memory starts filled with 0xFF bytes (NaN floats) to expose reads before writes.
+// Each block runs as blockDim.x cooperative fibers on the calling thread, switched at every
+// barrier (__syncthreads, and the per-warp exchange of the shuffles); a barrier that some threads
+// of the block skip is detected as a deadlock and fails the launch. Blocks run one after another,
+// threads in a fixed order, so runs are deterministic. WMMA fragments hold the whole 16 x 16 tile
+// in every lane (the kernels only touch fragment elements through fill/load/store/mma and an
+// elementwise tf32 rounding). Dynamic shared memory starts filled with 0xFF bytes (NaN floats) to
+// expose reads before writes.
 //
 // FIERCE_EMU_SCHEDULE (read at each launch) changes the order, to expose races that a fixed order
 // hides: "reverse" runs the blocks and, in every round, the threads in reverse order (the last
@@ -19,7 +20,19 @@
 // last bits of the CUDA math library (glibc's expf/logf are used).
 #pragma once
 
+// Fibers are entered once with makecontext/setcontext, then switched with _setjmp/_longjmp:
+// swapcontext also saves and restores the signal mask, a system call on every switch that took
+// about half of an emulated kernel's time. Jumping between stacks is what _FORTIFY_SOURCE's
+// longjmp check forbids, so it must be off before the first system header.
+#if defined(_FORTIFY_SOURCE)
+#if defined(_SETJMP_H)
+#error "cuda_emulation.h must come before <setjmp.h>: it turns _FORTIFY_SOURCE off for _longjmp"
+#endif
+#undef _FORTIFY_SOURCE
+#endif
+
 #include <math.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstddef>
@@ -59,8 +72,9 @@ struct Dim3 {
 };
 
 struct Fiber {
-  ucontext_t context;
-  std::unique_ptr<char[]> stack;
+  ucontext_t entry;  // the first switch into the fiber (its stack and start function)
+  jmp_buf resume;    // every later one: where the fiber yielded
+  bool started = false;
   bool done = false;
 };
 
@@ -72,10 +86,9 @@ struct Barrier {
 };
 
 struct BlockState {
-  ucontext_t scheduler;
+  jmp_buf scheduler;
   std::vector<Fiber> fibers;
   unsigned current = 0;
-  bool deadlock = false;
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
   std::vector<uint64_t> exchange;  // one slot per thread for the shuffles
@@ -95,9 +108,19 @@ inline fierce_emu::Dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace fierce_emu {
 
+// Back to the scheduler; returns when the scheduler resumes this fiber.
 inline void yield() {
   BlockState* block = current_block;
-  swapcontext(&block->fibers[block->current].context, &block->scheduler);
+  if (_setjmp(block->fibers[block->current].resume) == 0) _longjmp(block->scheduler, 1);
+}
+
+// From the scheduler into `fiber` until it yields or finishes. Not inlined, so that the only
+// frame that _setjmp saves is this one (no caller's variable lives across the jump).
+[[gnu::noinline]] inline void run_until_yield(BlockState& block, Fiber& fiber) {
+  if (_setjmp(block.scheduler) != 0) return;
+  if (fiber.started) _longjmp(fiber.resume, 1);
+  fiber.started = true;
+  setcontext(&fiber.entry);
 }
 
 inline void arrive_and_wait(Barrier& barrier) {
@@ -367,7 +390,7 @@ struct FiberStart {
     (*reinterpret_cast<Entry*>(address))();
     BlockState* block = current_block;
     block->fibers[block->current].done = true;
-    swapcontext(&block->fibers[block->current].context, &block->scheduler);
+    _longjmp(block->scheduler, 1);  // never returns here: the stack is dropped or reused
   }
 };
 
@@ -388,6 +411,9 @@ inline void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, s
   const Schedule schedule = Schedule::from_environment();
   std::vector<unsigned> block_order, thread_order;
   schedule.order(block_order, grid, ~0ull, 0);
+  // The fibers' stacks, reused by every block of the launch.
+  std::vector<std::unique_ptr<char[]>> stacks(threads);
+  for (auto& stack : stacks) stack.reset(new char[kFiberStack]);
   for (unsigned i = 0; i < grid && last_error == 0; ++i) {
     const unsigned b = block_order[i];
     std::fill(shared.begin(), shared.end(), static_cast<unsigned char>(0xFF));  // NaN floats
@@ -402,12 +428,11 @@ inline void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, s
     block.fibers.resize(threads);
     for (unsigned t = 0; t < threads; ++t) {
       Fiber& fiber = block.fibers[t];
-      fiber.stack.reset(new char[kFiberStack]);
-      getcontext(&fiber.context);
-      fiber.context.uc_stack.ss_sp = fiber.stack.get();
-      fiber.context.uc_stack.ss_size = kFiberStack;
-      fiber.context.uc_link = nullptr;
-      makecontext(&fiber.context, reinterpret_cast<void (*)()>(&FiberStart<Entry>::run), 2,
+      getcontext(&fiber.entry);
+      fiber.entry.uc_stack.ss_sp = stacks[t].get();
+      fiber.entry.uc_stack.ss_size = kFiberStack;
+      fiber.entry.uc_link = nullptr;
+      makecontext(&fiber.entry, reinterpret_cast<void (*)()>(&FiberStart<Entry>::run), 2,
                   static_cast<unsigned>(address & 0xFFFFFFFFu), static_cast<unsigned>(address >> 32));
     }
     current_block = &block;
@@ -426,7 +451,7 @@ inline void launch(void (*kernel)(Params...), unsigned grid, unsigned threads, s
         if (block.fibers[t].done) continue;
         block.current = t;
         threadIdx = Dim3{t, 0, 0};
-        swapcontext(&block.scheduler, &block.fibers[t].context);
+        run_until_yield(block, block.fibers[t]);
         if (block.fibers[t].done) ++finished;
       }
       if (finished < threads && finished == finished_before && block.arrivals == before) {

@@ -1,6 +1,6 @@
 // The kernels of fierce_kernels.cu built for the CPU emulation (cuda_emulation.h), behind a C
-// interface for ctypes: tests/test_cuda_build.py builds this file with
-//   g++ -std=c++20 -O1 -DFIERCE_EMULATE -shared -fPIC -pthread emulated_ops.cpp -o libfierce_emu.so
+// interface for ctypes: tests/cuda_emulator.py builds this file with
+//   g++ -std=c++20 -O2 -DFIERCE_EMULATE -shared -fPIC emulated_ops.cpp -o libfierce_emu.so
 // and compares what the kernels compute with the torch backend, without a GPU.
 // All pointers are host memory; workspaces are the caller's (any contents), except the one-launch
 // counter `done_count` of the forward, which must be 0 (or nullptr for two launches). `entropy`
@@ -28,9 +28,42 @@ fierce::Problem emulated_problem(const void* features, const void* vt, const voi
   return problem;
 }
 
+// Checks of the emulation itself (tests/test_cuda_build.py): a thread's locals survive the
+// fiber switches at barriers, and a barrier that some threads skip fails the launch.
+__global__ void barrier_rounds_kernel(int rounds, int64_t* out) {
+  FIERCE_DYNAMIC_SHARED(shared);
+  auto* slots = reinterpret_cast<int64_t*>(shared);
+  const unsigned t = threadIdx.x;
+  int64_t value = static_cast<int64_t>(blockIdx.x) * 1000 + t;
+  for (int r = 0; r < rounds; ++r) {
+    slots[t] = value;
+    __syncthreads();
+    value = 3 * value + slots[(t + 1) % blockDim.x];  // the next thread's value of this round
+    __syncthreads();
+  }
+  out[static_cast<int64_t>(blockIdx.x) * blockDim.x + t] = value;
+}
+
+__global__ void skipped_barrier_kernel(int* reached) {
+  if (threadIdx.x % 2 == 1) return;  // odd threads never arrive
+  __syncthreads();
+  reached[threadIdx.x] = 1;
+}
+
 }  // namespace
 
 extern "C" {
+
+int fierce_emu_check_barrier_rounds(int grid, int threads, int rounds, int64_t* out) {
+  FIERCE_LAUNCH(barrier_rounds_kernel, grid, threads, threads * sizeof(int64_t), nullptr, rounds,
+                out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int fierce_emu_check_skipped_barrier(int threads, int* reached) {
+  FIERCE_LAUNCH(skipped_barrier_kernel, 1, threads, 0, nullptr, reached);
+  return static_cast<int>(cudaGetLastError());
+}
 
 size_t fierce_emu_forward_shared_bytes(int mode) {
   return fierce::forward_shared_bytes(static_cast<fierce::GemmMode>(mode));

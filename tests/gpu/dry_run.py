@@ -16,7 +16,7 @@ the cases whose reference cannot be had on a CPU (the paper's eager code in TF32
 emulator too long. What it cannot check is the device: speed, tensor-core rounding (the
 interpreter computes bf16 dots in fp32 and ignores precision flags), races, compiled Triton.
 Every substitution must apply, so a changed test module fails here loudly instead of running
-unpatched. About 20-35 minutes on 2 cores, nearly all of it the emulator (each CUDA thread a fiber).
+unpatched. About 7-10 minutes on 2 cores (26 before the emulator stopped using swapcontext).
 """
 
 from __future__ import annotations
