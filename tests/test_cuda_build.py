@@ -612,7 +612,7 @@ def test_emulated_kernels_give_the_same_bits_in_any_thread_order(emu, monkeypatc
 
 
 @pytest.mark.parametrize("schedule", [None, *SCHEDULES])
-def test_emulator_keeps_each_threads_locals_across_barriers(emu, monkeypatch, schedule):
+def test_emulated_barriers_keep_each_threads_locals(emu, monkeypatch, schedule):
     # The emulation's own contract, which every kernel test above relies on: each fiber resumes
     # after a barrier with its locals intact and sees what the others wrote before it. Ragged
     # thread counts leave a partial warp; stacks are reused from block to block.
@@ -630,7 +630,7 @@ def test_emulator_keeps_each_threads_locals_across_barriers(emu, monkeypatch, sc
         assert list(out[block * threads:(block + 1) * threads]) == values, f"block {block}"
 
 
-def test_emulator_fails_a_launch_whose_barrier_some_threads_skip(emu, capfd):
+def test_emulated_launch_fails_when_some_threads_skip_a_barrier(emu, capfd):
     reached = (ctypes.c_int * 64)()
     assert emu.fierce_emu_check_skipped_barrier(64, reached) != 0
     assert "deadlock in block 0: 32 of 64 threads finished" in capfd.readouterr().err
