@@ -67,7 +67,8 @@ struct BackwardParams : Problem {
   const void* lse;             // (B, C) acc, saved by the forward
   void* expected;              // (B, C, 2) acc workspace, used when K > kTileBins: (sum_k y G,
                                // 1 / n) with y = exp(z - lse) / n, n = sum_k exp(z - lse)
-  void* accumulator;           // (padded_rows, padded_dim) acc workspace for sum delta v
+  void* accumulator;           // (padded_rows, padded_dim) acc workspace for sum delta v; may
+                               // be grad_features itself when the shapes and dtypes agree
   void* grad_features;         // (B, D) features dtype, out
 };
 

@@ -306,7 +306,13 @@ at::Tensor backward(const at::Tensor& grad_histogram, const at::Tensor& grad_ent
   const auto acc = r.options().dtype(acc_type);
   at::Tensor grad_features = at::empty({rows, dim}, r.options());
   at::Tensor expected = bins > kTileBins ? at::empty({rows, heads, 2}, acc) : at::Tensor();
-  at::Tensor accumulator = at::empty({padded_rows(rows), padded_dim(dim)}, acc);
+  // Whole tiles in the compute dtype (float32 or float64 features, rows and dim multiples of the
+  // tile): the gradient's memory is the accumulator too, since each block overwrites its own rows'
+  // sums with their final values element by element. Saves a B x D buffer (512 MiB at xl).
+  const bool in_place = r.scalar_type() == acc_type && padded_rows(rows) == rows &&
+                        padded_dim(dim) == dim;
+  at::Tensor accumulator =
+      in_place ? grad_features : at::empty({padded_rows(rows), padded_dim(dim)}, acc);
 
   BackwardParams params{};
   static_cast<Problem&>(params) = problem_of(r, v, c, cosine, estimator_id, tau, seed, row_offset);

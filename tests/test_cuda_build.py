@@ -263,9 +263,10 @@ def emulated_forward(lib, mode, features, dictionary, similarity, estimator, tau
 
 
 def emulated_backward(lib, mode, grad_histogram, features, dictionary, lse, similarity,
-                      estimator, tau, seed, row_offset, entropy_of=None):
+                      estimator, tau, seed, row_offset, entropy_of=None, in_place=False):
     """The kernels' gradient for dL/dp = grad_histogram, or, with `entropy_of` = (histogram,
-    reduction), for dL/dH = grad_histogram of the fused entropy."""
+    reduction), for dL/dH = grad_histogram of the fused entropy. `in_place`: the gradient's
+    memory is the accumulator too, as the op does for whole tiles in the compute dtype."""
     mode_id, dtype, compute, features, vt, bias = _launch_inputs(mode, features, dictionary,
                                                                  similarity)
     rows, dim = features.shape
@@ -275,6 +276,9 @@ def emulated_backward(lib, mode, grad_histogram, features, dictionary, lse, simi
     accumulator = torch.full((-(-rows // TILE_ROWS) * TILE_ROWS, -(-dim // TILE_DIM) * TILE_DIM),
                              nan, dtype=compute)
     grad = torch.full((rows, dim), nan, dtype=dtype)
+    if in_place:
+        assert accumulator.shape == grad.shape and dtype == compute, "not an in-place shape"
+        accumulator = grad
     grad_in = grad_histogram.to(compute).contiguous()
     grad_entropy = histogram = None
     mean = False
@@ -572,6 +576,29 @@ def test_emulated_non_finite_rows_poison_like_the_torch_backend(emu, estimator, 
     assert torch.isnan(grad[7]).all()
     others = torch.cat([grad[:7], grad[8:]])
     assert torch.isfinite(others).all()  # only the poisoned row's gradient is NaN
+
+
+@pytest.mark.parametrize("mode", ["tf32", "float32", "float64"])
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_emulated_gradient_written_over_its_accumulator(emu, mode, similarity):
+    # For whole tiles in the compute dtype the op hands the kernels the gradient's own memory as
+    # the accumulator (csrc/fierce_ops.cpp): each block overwrites its rows' sums with their final
+    # values, element by element. That must give the bits of a separate accumulator.
+    generator = torch.Generator().manual_seed(23)
+    rows, dim, heads, bins = 2 * TILE_ROWS, 2 * TILE_DIM, 2, 150
+    features = torch.randn(rows, dim, generator=generator, dtype=torch.float64)
+    dictionary = torch.rand(heads, dim, bins, generator=generator, dtype=torch.float64) * 2 - 1
+    if similarity == "distance":
+        features, dictionary = features * 0.2, dictionary * 0.2
+    for estimator in ESTIMATORS:
+        _, lse = emulated_forward(emu, mode, features, dictionary, similarity, estimator, 0.7, 5,
+                                  0)
+        grad_histogram = torch.randn(heads, bins, generator=generator)
+        args = (emu, mode, grad_histogram, features, dictionary, lse, similarity, estimator, 0.7,
+                5, 0)
+        separate, in_place = emulated_backward(*args), emulated_backward(*args, in_place=True)
+        assert torch.isfinite(separate).all()
+        torch.testing.assert_close(in_place, separate, rtol=0, atol=0, msg=lambda m: f"{estimator}: {m}")
 
 
 SCHEDULES = ("reverse", "shuffle:1")

@@ -87,9 +87,11 @@ def _backward(grad_histogram, grad_entropy, histogram, features, vt, bias, lse, 
     inputs = [None if t is None else t.to(acc).contiguous()
               for t in (grad_histogram, grad_entropy, histogram, lse)]
     expected = torch.empty(rows, heads, 2, dtype=acc) if bins > TILE_BINS else None
-    accumulator = torch.empty(-(-rows // TILE_ROWS) * TILE_ROWS, -(-dim // TILE_DIM) * TILE_DIM,
-                              dtype=acc)
+    padded = (-(-rows // TILE_ROWS) * TILE_ROWS, -(-dim // TILE_DIM) * TILE_DIM)
     grad = torch.empty(rows, dim, dtype=r.dtype)
+    # Whole tiles in the compute dtype: the gradient is its own accumulator.
+    in_place = r.dtype == acc and padded == (rows, dim)
+    accumulator = grad if in_place else torch.empty(padded, dtype=acc)
     error = _LIB.fierce_emu_backward(
         _mode(r.dtype, allow_tf32), _ptr(inputs[0]), _ptr(r), _ptr(vt.contiguous()), _ptr(bias),
         _ptr(inputs[3]), _ptr(expected), _ptr(accumulator), _ptr(grad), rows, dim, heads, bins,
