@@ -24,16 +24,15 @@
 // swapcontext also saves and restores the signal mask, a system call on every switch that took
 // about half of an emulated kernel's time. Jumping between stacks is what _FORTIFY_SOURCE's
 // longjmp check forbids, so it must be off before the first system header.
-#if defined(_FORTIFY_SOURCE)
-#if defined(_SETJMP_H)
-#error "cuda_emulation.h must come before <setjmp.h>: it turns _FORTIFY_SOURCE off for _longjmp"
-#endif
 #undef _FORTIFY_SOURCE
-#endif
 
 #include <math.h>
 #include <setjmp.h>
 #include <ucontext.h>
+
+#if defined(__USE_FORTIFY_LEVEL) && __USE_FORTIFY_LEVEL > 0
+#error "cuda_emulation.h must precede every system header (_FORTIFY_SOURCE breaks _longjmp)"
+#endif
 
 #include <cstddef>
 #include <cstdint>
