@@ -195,10 +195,6 @@ inline void __threadfence() {}
 template <typename T>
 inline T __ldcg(const T* address) { return *address; }
 
-inline uint32_t __umulhi(uint32_t a, uint32_t b) {
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-}
-
 // ------------------------------------------------------------------------ 16-bit floats
 
 namespace fierce_emu {
