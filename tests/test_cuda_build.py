@@ -598,7 +598,8 @@ def test_emulated_gradient_written_over_its_accumulator(emu, mode, similarity):
                 5, 0)
         separate, in_place = emulated_backward(*args), emulated_backward(*args, in_place=True)
         assert torch.isfinite(separate).all()
-        torch.testing.assert_close(in_place, separate, rtol=0, atol=0, msg=lambda m: f"{estimator}: {m}")
+        torch.testing.assert_close(in_place, separate, rtol=0, atol=0,
+                                   msg=lambda m: f"{estimator}: {m}")
 
 
 SCHEDULES = ("reverse", "shuffle:1")
